@@ -1,0 +1,125 @@
+"""Exact deletion and insertion curves and their AUCs (METHOD.md section 2).
+
+This module is the one place that decides the metric protocol. All steps of all
+images go through the target model in a few large forwards (chunked to
+`max_batch` images), under inference mode. Work shared between curves is done
+once: the clean image (p=0 of both curves) and the reference (p=1 of both; one
+forward for all images when the reference is a constant colour).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from l2r.perturbation import REFERENCES, deletion_counts, fractions, make_reference
+from l2r.ranking import pixel_ranks
+
+TARGET_RULES = ("prediction", "label")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What a deletion/insertion score means; recorded with every result."""
+
+    steps: int = 21
+    reference: str = "black"
+    target: str = "prediction"
+
+    def __post_init__(self):
+        if self.steps < 2:
+            raise ValueError(f"steps must be >= 2, got {self.steps}")
+        if self.reference not in REFERENCES:
+            raise ValueError(f"unknown reference {self.reference!r}; choose one of {REFERENCES}")
+        if self.target not in TARGET_RULES:
+            raise ValueError(f"unknown target rule {self.target!r}; choose one of {TARGET_RULES}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def auc(curves: torch.Tensor, fracs: torch.Tensor) -> torch.Tensor:
+    """Trapezoid area under each curve (..., K) over the fractions."""
+    return torch.trapezoid(curves, x=fracs.to(curves), dim=-1)
+
+
+@torch.inference_mode()
+def predict(model, images: torch.Tensor, max_batch: int = 1024) -> torch.Tensor:
+    """Class probabilities (B, C), in chunks."""
+    return torch.cat([model(chunk) for chunk in images.split(max_batch)])
+
+
+def _is_constant_reference(kind: str) -> bool:
+    return kind in ("black", "mean")
+
+
+@torch.inference_mode()
+def deletion_insertion(
+    model,
+    images: torch.Tensor,
+    maps: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    steps: int = 21,
+    reference: str = "black",
+    max_batch: int = 1024,
+    clean_probs: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Exact curves for maps (B, H, W) or (B, 1, H, W) on images (B, 3, H, W).
+
+    targets None means the top-1 prediction. Returns `deletion_curve` (B, K) over the
+    fraction deleted, `insertion_curve` (B, K) over the fraction inserted (the curve of
+    deleting least-important-first, read backwards), their AUCs (B,), `targets`,
+    `clean_probs` (B, C) and `fractions` (K,).
+    """
+    b, _, h, w = images.shape
+    if maps.shape[0] != b or maps.shape[-2:] != (h, w) or maps.numel() != b * h * w:
+        raise ValueError(f"maps {tuple(maps.shape)} do not fit images {tuple(images.shape)}")
+    Protocol(steps=steps, reference=reference)  # validates
+    device = images.device
+    fracs = fractions(steps, device)
+    if clean_probs is None:
+        clean_probs = predict(model, images, max_batch)
+    if targets is None:
+        targets = clean_probs.argmax(dim=1)
+    targets = targets.to(device).long()
+    rows = torch.arange(b, device=device)
+    y_clean = clean_probs[rows, targets]
+
+    refs = make_reference(images, reference)
+    if _is_constant_reference(reference):
+        y_ref = model(refs[:1])[0, targets]
+    else:
+        y_ref = predict(model, refs, max_batch)[rows, targets]
+
+    # Interior steps only: p=0 is the clean image, p=1 the reference, for both curves.
+    ranks = pixel_ranks(maps.reshape(b, h, w).float()).to(torch.int32)  # 0 = most important
+    counts = deletion_counts(fracs, h * w)[1:-1].to(device)  # (K-2,)
+    k_inner = steps - 2
+    # Job j -> (image, direction, step); direction 0 = deletion, 1 = reversed deletion.
+    n_jobs = b * 2 * k_inner
+    y_inner = torch.empty(n_jobs, device=device, dtype=clean_probs.dtype)
+    for start in range(0, n_jobs, max_batch):
+        job = torch.arange(start, min(start + max_batch, n_jobs), device=device)
+        img, rest = job // (2 * k_inner), job % (2 * k_inner)
+        direction, step = rest // k_inner, rest % k_inner
+        r = ranks[img]
+        # Reversed deletion removes the least important first: rank >= HW - count.
+        order = torch.where(direction[:, None] == 0, r, h * w - 1 - r)
+        mask = (order < counts[step][:, None].to(torch.int32)).view(-1, 1, h, w)
+        perturbed = torch.where(mask, refs[img], images[img])
+        probs = model(perturbed)
+        y_inner[start : start + len(job)] = probs[torch.arange(len(job), device=device), targets[img]]
+
+    y_inner = y_inner.view(b, 2, k_inner)
+    deletion = torch.cat([y_clean[:, None], y_inner[:, 0], y_ref[:, None]], dim=1)
+    reversed_deletion = torch.cat([y_clean[:, None], y_inner[:, 1], y_ref[:, None]], dim=1)
+    insertion = reversed_deletion.flip(-1)
+    return {
+        "deletion_curve": deletion,
+        "insertion_curve": insertion,
+        "deletion_auc": auc(deletion, fracs),
+        "insertion_auc": auc(insertion, fracs),
+        "targets": targets,
+        "clean_probs": clean_probs,
+        "fractions": fracs,
+    }

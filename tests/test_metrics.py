@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from l2r.metrics import Protocol, auc, deletion_insertion
+from l2r.perturbation import fractions, hard_deletion_masks, make_reference
+from tests.helpers import LinearTwoClass
+
+
+def naive_curves(model, images, maps, targets, steps, reference):
+    """One perturbation at a time, straight from the definition."""
+    fr = fractions(steps)
+    refs = make_reference(images, reference)
+    out = []
+    for reverse in (False, True):
+        masks = hard_deletion_masks(maps, fr, reverse=reverse).float()
+        ys = []
+        for i in range(len(images)):
+            y = [model(torch.lerp(images[i : i + 1], refs[i : i + 1], masks[i, k][None, None]))[0, targets[i]]
+                 for k in range(steps)]
+            ys.append(torch.stack(y))
+        out.append(torch.stack(ys))
+    return out[0], out[1].flip(-1)
+
+
+@pytest.mark.parametrize("reference", ["black", "mean", "blur"])
+def test_batched_curves_equal_the_definition(reference):
+    torch.manual_seed(0)
+    model = LinearTwoClass(size=8)
+    x, maps = torch.rand(3, 3, 8, 8), torch.randn(3, 8, 8)
+    targets = torch.tensor([0, 1, 1])
+    res = deletion_insertion(model, x, maps, targets, steps=11, reference=reference, max_batch=7)
+    dele, ins = naive_curves(model, x, maps, targets, 11, reference)
+    assert torch.allclose(res["deletion_curve"], dele, atol=1e-6)
+    assert torch.allclose(res["insertion_curve"], ins, atol=1e-6)
+    assert torch.allclose(res["deletion_auc"], auc(dele, fractions(11)), atol=1e-6)
+    # Insertion starts from the reference and ends at the clean image.
+    assert torch.allclose(res["insertion_curve"][:, -1], res["deletion_curve"][:, 0])
+
+
+def test_closed_form_order_minimises_deletion_auc_on_a_linear_model():
+    torch.manual_seed(1)
+    model = LinearTwoClass(size=8, seed=3)
+    x = torch.rand(1, 3, 8, 8)
+    r = make_reference(x, "black")
+    contribution = (model.w * (x - r)).sum(1)  # (1, 8, 8): largest first is optimal for class 1
+    target = torch.tensor([1])
+    best = deletion_insertion(model, x, contribution, target, steps=65)["deletion_auc"]
+    reversed_ = deletion_insertion(model, x, -contribution, target, steps=65)["deletion_auc"]
+    random = deletion_insertion(model, x.expand(20, -1, -1, -1), torch.randn(20, 8, 8),
+                                target.expand(20), steps=65)["deletion_auc"]
+    assert (best < random).all()
+    assert best < reversed_ - 0.1
+    # And the same order is the best insertion order.
+    ins_best = deletion_insertion(model, x, contribution, target, steps=65)["insertion_auc"]
+    ins_random = deletion_insertion(model, x.expand(20, -1, -1, -1), torch.randn(20, 8, 8),
+                                    target.expand(20), steps=65)["insertion_auc"]
+    assert (ins_best > ins_random).all()
+
+
+def test_protocol_validation_and_shape_errors():
+    with pytest.raises(ValueError, match="reference"):
+        Protocol(reference="white")
+    with pytest.raises(ValueError, match="maps"):
+        deletion_insertion(LinearTwoClass(8), torch.rand(2, 3, 8, 8), torch.rand(2, 7, 7))
+    assert Protocol().to_dict() == {"steps": 21, "reference": "black", "target": "prediction"}
