@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+import pickle
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -117,7 +118,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
         state = load_file(str(path), device="cpu")
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            # Usually a pickle that holds more than tensors (argparse args, whole modules).
+            raise CheckpointMismatchError(
+                f"{path}: cannot be read with weights_only=True; save just the state dict "
+                f"(torch.save(model.state_dict(), ...)). {e}"
+            ) from e
     for key in STATE_DICT_KEYS:
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]

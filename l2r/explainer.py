@@ -56,7 +56,10 @@ DEFAULT_CONFIG = {
 
 
 class TargetLayersBackbone(nn.Module):
-    """Features from named layers of the frozen target model, captured by forward hooks."""
+    """Features from named layers of the frozen target model, captured by forward hooks.
+
+    The target is not a submodule: move it to the explainer's device yourself.
+    """
 
     single_scale = False
 

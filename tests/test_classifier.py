@@ -1,3 +1,4 @@
+import argparse
 import hashlib
 import io
 import tarfile
@@ -104,6 +105,12 @@ def test_mismatch_is_a_value_error_and_leaves_net_untouched(tmp_path):
         load_checkpoint(net, path)
     for key, value in net.state_dict().items():
         assert torch.equal(value, before[key])
+
+
+def test_pickle_with_more_than_tensors_fails_clearly(tmp_path):
+    path = save_torch({"state_dict": random_weights(), "args": argparse.Namespace(lr=0.1)}, tmp_path / "full.pth")
+    with pytest.raises(CheckpointMismatchError, match="weights_only"):
+        build_user_target(path)
 
 
 def test_missing_checkpoint_names_path(tmp_path):

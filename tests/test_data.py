@@ -153,7 +153,8 @@ def s3():
     server.start()
     endpoint = f"http://127.0.0.1:{server._port}"
     fs = s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": endpoint})
-    fs.mkdir("shards")
+    if not fs.exists("shards"):  # moto keeps its state per process, across servers
+        fs.mkdir("shards")
     yield fs
     server.stop()
 

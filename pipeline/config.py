@@ -1,0 +1,189 @@
+"""Run configuration: defaults < YAML file < `--set key.sub=value` < explicit flags.
+
+A config is a plain nested dict (what the YAML holds). `load_config` merges the layers,
+checks every key against `DEFAULTS` (a typo is an error that lists the known keys) and
+resolves local paths: relative paths are taken from the current directory and made
+absolute (Ray workers run in another directory), `~` is expanded, URLs (`s3://...`)
+are left alone. The resolved config is printed at the start of a run and saved as
+`config.yaml` in the run directory.
+
+Sections whose keys are checked elsewhere are open: `explainer` (by
+`l2r.explainer.build_explainer`), `objective` (by `l2r.objective.ObjectiveConfig`),
+`target.kwargs`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import yaml
+
+DEFAULTS: dict = {
+    "name": None,  # run name: <storage>/<name>; a rerun with the same name resumes
+    "seed": 0,
+    "data": {
+        "train": None,  # shard spec(s) (file, folder, glob, {a..b} braces, s3://...); None: synthetic
+        "val": None,  # held-out shards for exact AUCs (the first val.images rows); None: synthetic
+        "synthetic": {"train": 2048, "val": 64, "size": 32, "num_classes": 10, "shard_size": 512},
+        "image_size": 32,  # model input (H = W, or [H, W]); images are resized and centre-cropped
+        "crop_pct": 1.0,
+        "read_cpus": 0.5,  # CPUs per Ray Data read task (a fraction leaves room for the trainers)
+        "shuffle_buffer": 0,  # rows; 0: stream order
+    },
+    "target": {
+        "spec": None,  # timm:NAME or package.module:callable
+        "checkpoint": None,  # weight file (local path or URL)
+        "kwargs": {},
+        "pretrained": False,  # timm weights from the hub
+        "mean": None,
+        "std": None,
+        "input_size": None,
+        "class_names": None,
+        "gradient_checkpointing": False,
+        "fit_steps": 0,  # demo: fit the target on the training shards first when it has no checkpoint
+        "fit_batch_size": 64,
+        "fit_lr": 0.003,
+    },
+    "explainer": {},  # l2r.explainer.DEFAULT_CONFIG keys
+    "objective": {},  # l2r.objective.ObjectiveConfig fields, e.g. chunk_size
+    "train": {
+        "steps": 100,  # optimiser steps (all workers step together)
+        "batch_size": 16,  # images per worker per step
+        "lr": 0.0003,
+        "weight_decay": 0.001,
+        "grad_clip": 1.0,
+        "warmup": 0.06,  # fraction of steps, linear from lr/warmup_div
+        "warmup_div": 25.0,
+        "final_div": 1.0e4,  # cosine down to lr / warmup_div / final_div
+        "bf16": True,  # autocast the target passes on CUDA
+        "report_every": 10,
+        "checkpoint_every": 50,
+        "keep_checkpoints": 2,
+    },
+    "val": {
+        "every": 50,  # steps; 0: only at the end
+        "images": 64,
+        "steps": 21,
+        "reference": "black",
+        "batch_size": 32,
+    },
+    "run": {
+        "storage": "~/l2r_runs",  # local folder or s3://bucket/prefix (shared storage when multi-node)
+        "workers": 1,
+        "gpus": False,
+        "cpus_per_worker": 1,
+        "max_failures": 2,
+    },
+    "debug": {
+        "fail_at_step": None,  # testing: raise in a worker at this step (only in an attempt that did not resume)
+        "fail_rank": 0,
+        "record_keys": False,  # write the sample keys each rank trained on to <run>/keys/
+    },
+}
+
+OPEN_SECTIONS = ("explainer", "objective", "target.kwargs", "data.synthetic")
+
+# Flag name -> config key (the explicit flags of jobs/train.py).
+FLAG_KEYS = {
+    "name": "name",
+    "workers": "run.workers",
+    "gpus": "run.gpus",
+    "storage": "run.storage",
+    "steps": "train.steps",
+    "batch_size": "train.batch_size",
+    "checkpoint_every": "train.checkpoint_every",
+    "val_every": "val.every",
+}
+
+PATH_KEYS = ("data.train", "data.val", "target.checkpoint", "run.storage", "explainer.backbone_checkpoint")
+
+
+def parse_value(text: str):
+    """A `--set` value as YAML (ints, floats incl. 3e-4, bools, null, [lists], {dicts}), else the string."""
+    value = yaml.safe_load(text) if text.strip() else ""
+    if isinstance(value, str):
+        try:
+            return float(value)  # PyYAML reads "3e-4" as a string
+        except ValueError:
+            pass
+    return value
+
+
+def set_key(config: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    node = config
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[last] = value
+
+
+def get_key(config: dict, dotted: str, default=None):
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def merge(base: dict, override: dict, prefix: str = "") -> dict:
+    """Deep merge; keys unknown to `base` raise, except inside open sections."""
+    out = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        where = f"{prefix}{key}"
+        if prefix.rstrip(".") in OPEN_SECTIONS:
+            out[key] = copy.deepcopy(value)
+        elif key not in out:
+            known = ", ".join(sorted(out))
+            raise KeyError(f"unknown config key {where!r}; known here: {known}")
+        elif isinstance(out[key], dict) and isinstance(value, dict):
+            out[key] = merge(out[key], value, f"{where}.")
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _resolve_path(value):
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_resolve_path(v) for v in value]
+    text = os.path.expandvars(os.path.expanduser(str(value)))
+    if "://" in text:
+        return text
+    return os.path.abspath(text)
+
+
+def load_config(path: str | os.PathLike | None = None, sets: list[str] = (), flags: dict | None = None) -> dict:
+    """Defaults, then the YAML at `path`, then `key.sub=value` strings, then flags (FLAG_KEYS names; None skipped)."""
+    config = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        with open(path) as f:
+            config = merge(config, yaml.safe_load(f) or {})
+        if config["name"] is None:
+            config["name"] = Path(path).stem
+    overrides: dict = {}
+    for item in sets:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects key.sub=value, got {item!r}")
+        set_key(overrides, key.strip(), parse_value(text))
+    for flag, value in (flags or {}).items():
+        if value is not None:
+            set_key(overrides, FLAG_KEYS[flag], value)
+    config = merge(config, overrides)
+    for key in PATH_KEYS:
+        value = get_key(config, key)
+        if value is not None:
+            set_key(config, key, _resolve_path(value))
+    if not config["name"]:
+        config["name"] = "l2r"
+    return config
+
+
+def dump_config(config: dict) -> str:
+    return yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
