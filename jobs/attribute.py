@@ -1,0 +1,109 @@
+"""Attribute every image of a set of shards with one or more methods; write Parquet + manifest.json.
+
+    python jobs/attribute.py --shards 'data/test-{0000..0001}.tar' --output runs/attr \\
+        --model benchmarks.resnet20:resnet20 --checkpoint resnet20.th --input-size 32 \\
+        --explainer runs/explainer --methods l2r,gradcam,ig,rise,random --steps 21 --reference black
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/attribute.py \\
+        --shards 's3://bucket/imagenet/val-*.tar' --output s3://bucket/attr/run1 ...
+
+A rerun with the same arguments skips finished shards (resume after a crash).
+The last line printed is the summary as JSON.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from pipeline.attribute import AttributeConfig, all_methods, run_attribution  # noqa: E402
+
+
+def _floats(text):
+    return tuple(float(v) for v in text.split(",")) if text else None
+
+
+def _size(text):
+    if not text:
+        return None
+    parts = [int(v) for v in text.replace("x", ",").split(",")]
+    return (parts[0], parts[0]) if len(parts) == 1 else tuple(parts[:2])
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", required=True, nargs="+",
+                   help="shard files, folders, globs or brace patterns; local or fsspec URLs")
+    p.add_argument("--output", required=True, help="output folder or fsspec URL")
+    p.add_argument("--model", required=True, help="target spec: timm:NAME or package.module:callable")
+    p.add_argument("--checkpoint", help="target weights file")
+    p.add_argument("--model-kwargs", default="{}", help="JSON kwargs for the model constructor")
+    p.add_argument("--mean", help="normalisation mean, e.g. 0.485,0.456,0.406")
+    p.add_argument("--std", help="normalisation std")
+    p.add_argument("--input-size", help="H,W or one side (needed for a user's model)")
+    p.add_argument("--crop-pct", type=float, default=1.0, help="centre-crop fraction (timm eval: 0.875)")
+    p.add_argument("--explainer", help="explainer artifact folder (model.safetensors + explainer.json)")
+    p.add_argument("--methods", default="l2r", help=f"comma-separated, from {','.join(all_methods())}")
+    p.add_argument("--method-options", default="{}", help='JSON per method, e.g. \'{"rise": {"n_masks": 500}}\'')
+    p.add_argument("--refine-steps", type=int, default=0, help="test-time refinement steps for l2r (0: off)")
+    p.add_argument("--steps", type=int, default=21, help="fractions K of the curves (ends included)")
+    p.add_argument("--reference", default="black", choices=["black", "mean", "blur"])
+    p.add_argument("--target", default="prediction", choices=["prediction", "label"], help="class to explain")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--actors", type=int, help="actor pool size (default: one per GPU, or one per CPU)")
+    p.add_argument("--actor-cpus", type=float, help="CPUs per actor (fractions allowed)")
+    p.add_argument("--actor-gpus", type=float, default=1.0, help="GPUs per actor")
+    p.add_argument("--threads", type=int, help="torch threads per actor")
+    p.add_argument("--batch-size", type=int, help="images per actor call (default 64 CPU / 256 GPU)")
+    p.add_argument("--forward-batch", type=int, help="perturbed images per target forward (128 CPU / 1024 GPU)")
+    p.add_argument("--read-cpus", type=float, default=0.25, help="CPUs per shard read task")
+    p.add_argument("--storage-options", help="JSON options for the fsspec filesystem of URL inputs/outputs")
+    p.add_argument("--overwrite", action="store_true", help="discard earlier results in --output and start over")
+    p.add_argument("--progress-interval", type=float, default=30.0, help="seconds between progress lines")
+    p.add_argument("--ray-progress", action="store_true", help="show Ray Data's progress bars")
+    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local instance)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    config = AttributeConfig(
+        shards=args.shards if len(args.shards) > 1 else args.shards[0],
+        output=args.output,
+        target=args.model,
+        checkpoint=args.checkpoint,
+        model_kwargs=json.loads(args.model_kwargs),
+        mean=_floats(args.mean),
+        std=_floats(args.std),
+        input_size=_size(args.input_size),
+        crop_pct=args.crop_pct,
+        explainer=args.explainer,
+        methods=args.methods,
+        method_options=json.loads(args.method_options),
+        refine_steps=args.refine_steps,
+        steps=args.steps,
+        reference=args.reference,
+        target_rule=args.target,
+        device=args.device,
+        actors=args.actors,
+        actor_cpus=args.actor_cpus,
+        actor_gpus=args.actor_gpus,
+        threads=args.threads,
+        batch_size=args.batch_size,
+        forward_batch=args.forward_batch,
+        read_cpus=args.read_cpus,
+        storage_options=json.loads(args.storage_options) if args.storage_options else None,
+        overwrite=args.overwrite,
+        progress_interval=args.progress_interval,
+        ray_progress_bars=args.ray_progress,
+        address=args.address,
+    )
+    summary = run_attribution(config)
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

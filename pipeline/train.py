@@ -1,0 +1,558 @@
+"""Distributed explainer training: Ray Data stream -> Ray Train workers -> an explainer artifact.
+
+The driver (`run`) resolves the data (shard URLs; synthetic shards written into the run
+directory when the config names none), optionally fits a demo target, saves the config, and
+starts a `TorchTrainer`. Each worker (`train_loop_per_worker`) builds the frozen target (a
+replica per worker, no gradients) and the explainer (DDP via `prepare_model`), reads its
+share of the stream with `get_dataset_shard("train").iter_torch_batches`, and runs
+`l2r.objective.objective_backward` + AdamW.
+
+Run directory `<storage>/<name>/`: `config.yaml`, Ray Train's `checkpoint_*` dirs (each a
+`state.pt`: explainer, optimiser, scheduler, step, data position, config), `explainer/`
+(the final artifact, `l2r.explainer.save_explainer`), `data/` (demo shards), `target.pt`
+(demo target), `keys/` (debug.record_keys).
+
+Resume and failures: a rerun with the same storage and name, or a worker group restarted
+by `FailureConfig(max_failures)`, loads the latest checkpoint and continues at its step
+(the step count, LR schedule and tau annealing are continuous). Data position: the
+checkpoint records the epoch and how many batches each worker had taken in it; on resume
+each worker reads and discards that many batches of the new epoch stream before training.
+So the same number of samples is skipped, but not necessarily the same samples: Ray
+Data's split across workers is dynamic, so resuming mid-epoch may repeat some samples and
+miss others of that epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from l2r.classifier import build_target, sha256_file
+from l2r.explainer import build_explainer, load_explainer, save_explainer
+from l2r.images import to_tensor
+from l2r.metrics import deletion_insertion
+from l2r.objective import ObjectiveConfig, objective_backward
+from pipeline.config import dump_config
+
+STATE_FILE = "state.pt"
+
+
+# ---------------------------------------------------------------- schedule
+
+
+def lr_factor(step: int, total: int, warmup: float = 0.06, warmup_div: float = 25.0, final_div: float = 1e4) -> float:
+    """Multiplier of the base lr: linear lr/warmup_div -> lr over warmup*total steps, cosine to lr/warmup_div/final_div."""
+    start = 1.0 / warmup_div
+    end = start / final_div
+    warm = max(1, round(warmup * total))
+    if step < warm:
+        return start + (1.0 - start) * step / warm
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(explainer: torch.nn.Module, tcfg: dict, total: int):
+    params = [p for p in explainer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total, tcfg["warmup"], tcfg["warmup_div"], tcfg["final_div"])
+    )
+    return optimizer, scheduler
+
+
+# ---------------------------------------------------------------- models
+
+
+def local_file(url: str | None) -> str | None:
+    """A local path for a weight file: URLs (s3://...) are downloaded once per process to a temp dir."""
+    if url is None or "://" not in url:
+        return url
+    import fsspec
+
+    local = Path(tempfile.gettempdir()) / "l2r_files" / hashlib.sha256(url.encode()).hexdigest()[:16] / Path(url).name
+    if not local.exists():
+        local.parent.mkdir(parents=True, exist_ok=True)
+        with fsspec.open(url, "rb") as src, open(f"{local}.part", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(f"{local}.part", local)
+    return str(local)
+
+
+def make_target(tcfg: dict, device="cpu"):
+    target = build_target(
+        tcfg["spec"],
+        checkpoint=local_file(tcfg["checkpoint"]),
+        model_kwargs=tcfg["kwargs"],
+        pretrained=tcfg["pretrained"],
+        mean=tcfg["mean"],
+        std=tcfg["std"],
+        input_size=tcfg["input_size"],
+        class_names=tcfg["class_names"],
+    ).to(device)
+    target.gradient_checkpointing = bool(tcfg["gradient_checkpointing"])
+    return target
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+# ---------------------------------------------------------------- one step, validation
+
+
+def train_step(explainer, target, optimizer, scheduler, images, labels, progress, ocfg, grad_clip, autocast=False):
+    """objective_backward + clip + AdamW + schedule; returns the objective's floats plus lr."""
+    optimizer.zero_grad(set_to_none=True)
+    out = objective_backward(explainer, target, images, labels, ocfg, progress, autocast=autocast)
+    params = [p for p in explainer.parameters() if p.requires_grad]
+    out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    out["lr"] = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    return out
+
+
+def validate(explainer, target, images, vcfg) -> dict:
+    """Exact deletion/insertion AUCs (l2r.metrics) of the explainer's maps for the top-1 class."""
+    was_training = explainer.training
+    explainer.eval()
+    deletion, insertion = [], []
+    with torch.no_grad():
+        for chunk in images.split(vcfg["batch_size"]):
+            preds = target(chunk).argmax(1)
+            maps = explainer(chunk, preds)
+            res = deletion_insertion(target, chunk, maps, preds, steps=vcfg["steps"], reference=vcfg["reference"])
+            deletion.append(res["deletion_auc"])
+            insertion.append(res["insertion_auc"])
+    explainer.train(was_training)
+    return {
+        "val_deletion_auc": float(torch.cat(deletion).mean()),
+        "val_insertion_auc": float(torch.cat(insertion).mean()),
+        "val_images": int(images.shape[0]),
+    }
+
+
+def load_val_images(urls: list[str], dcfg: dict, count: int) -> torch.Tensor:
+    """The first `count` good rows of the val shards, read without Ray, as float (N,3,H,W)."""
+    from pipeline.data import iter_shard
+
+    rows = []
+    for url in urls:
+        for row in iter_shard(url, dcfg["image_size"], dcfg["crop_pct"]):
+            if row["error"] is None:
+                rows.append(row["image"])
+            if len(rows) >= count:
+                return to_tensor(np.stack(rows))
+    if not rows:
+        raise ValueError(f"no readable validation images in {urls}")
+    return to_tensor(np.stack(rows))
+
+
+# ---------------------------------------------------------------- the Ray Train loop
+
+
+def sample_ids(keys, sources) -> np.ndarray:
+    """A stable int64 id per (source, key): tensors only, as iter_torch_batches needs."""
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(f"{s}\0{k}".encode(), digest_size=8).digest(), "little", signed=True)
+         for k, s in zip(keys, sources)],
+        dtype=np.int64,
+    )
+
+
+def to_training_columns(batch: dict) -> dict:
+    """Ray Data map_batches: drop rows that failed to decode; keep image, label, sample_id."""
+    good = np.array([e is None for e in batch["error"]], dtype=bool)
+    return {
+        "image": batch["image"][good],
+        "label": batch["label"][good],
+        "sample_id": sample_ids(batch["key"][good], batch["source"][good]),
+    }
+
+
+def _save_checkpoint(explainer, optimizer, scheduler, position: dict, config: dict):
+    import ray.train
+
+    directory = tempfile.mkdtemp(prefix="l2r_ckpt_")
+    torch.save(
+        {
+            "explainer": unwrap(explainer).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "position": position,
+            "config": config,
+        },
+        os.path.join(directory, STATE_FILE),
+    )
+    (Path(directory) / "config.yaml").write_text(dump_config(config))
+    return ray.train.Checkpoint.from_directory(directory), directory
+
+
+def _mean_across_workers(values: dict, device) -> dict:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, (t / dist.get_world_size()).tolist()))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    for path in config.get("import_paths", []):  # user model specs (package.module:callable)
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(config["run"]["cpus_per_worker"])))
+    tcfg, vcfg, dcfg = config["train"], config["val"], config["data"]
+    total = int(tcfg["steps"])
+    ocfg = ObjectiveConfig(**config["objective"])
+    autocast = device.type == "cuda" and bool(tcfg["bf16"])
+
+    target = make_target(config["target"], device)
+    explainer = build_explainer(dict(config["explainer"]), target)
+    position = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "images": 0}
+    state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+        explainer.load_state_dict(state["explainer"])
+        position = dict(state["position"])
+    explainer = ray.train.torch.prepare_model(explainer)  # device + DDP when world > 1
+    optimizer, scheduler = make_optimizer(explainer, tcfg, total)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    start_step = position["step"]
+    torch.manual_seed(config["seed"] * 1000003 + rank * 7919 + start_step)
+
+    val_images = None
+    if rank == 0 and config.get("val_urls"):
+        val_images = load_val_images(config["val_urls"], dcfg, vcfg["images"]).to(device)
+    keys_file = None
+    if config["debug"]["record_keys"]:
+        keys_dir = Path(config["run_dir"]) / "keys"
+        keys_dir.mkdir(parents=True, exist_ok=True)
+        keys_file = open(keys_dir / f"rank{rank}.txt", "a")
+
+    step = start_step
+    window: dict[str, float] = {}
+    window_steps, window_images, window_start = 0, 0, time.perf_counter()
+    shard = ray.train.get_dataset_shard("train")
+    explainer.train()
+    while step < total:
+        skip = position["batches_in_epoch"]
+        batches = shard.iter_torch_batches(
+            batch_size=tcfg["batch_size"],
+            drop_last=True,
+            local_shuffle_buffer_size=dcfg["shuffle_buffer"] or None,
+            local_shuffle_seed=config["seed"] + position["epoch"] * world + rank if dcfg["shuffle_buffer"] else None,
+        )
+        for batch in batches:
+            if skip > 0:  # resume: data this epoch already consumed (see module docstring)
+                skip -= 1
+                continue
+            fail = config["debug"]["fail_at_step"]
+            if fail is not None and step == fail and start_step == 0 and rank == config["debug"]["fail_rank"]:
+                raise RuntimeError(f"debug.fail_at_step: worker {rank} fails at step {step} (testing)")
+            images = batch["image"].permute(0, 3, 1, 2).float().div_(255.0)
+            labels = batch["label"]
+            if keys_file is not None:
+                keys_file.write("".join(f"{step}\t{i}\n" for i in batch["sample_id"].tolist()))
+                keys_file.flush()
+            started = time.perf_counter()
+            out = train_step(
+                explainer, target, optimizer, scheduler, images, labels, step / total, ocfg, tcfg["grad_clip"], autocast
+            )
+            out["compute_s"] = time.perf_counter() - started  # vs step_time_s: what data and Ray add
+            step += 1
+            position.update(step=step, batches_in_epoch=position["batches_in_epoch"] + 1,
+                            images=position["images"] + images.shape[0] * world)
+            for k, v in out.items():
+                window[k] = window.get(k, 0.0) + float(v)
+            window_steps += 1
+            window_images += images.shape[0] * world
+
+            final = step == total
+            has_val = bool(config.get("val_urls"))
+            val_now = has_val and (final or bool(vcfg["every"] and step % vcfg["every"] == 0))
+            ckpt_now = final or (tcfg["checkpoint_every"] and step % tcfg["checkpoint_every"] == 0)
+            if not (final or ckpt_now or val_now or step % tcfg["report_every"] == 0):
+                continue
+            elapsed = time.perf_counter() - window_start
+            metrics = _mean_across_workers({k: v / window_steps for k, v in window.items()}, device)
+            metrics.update(step=step, epoch=position["epoch"], images_seen=position["images"],
+                           images_per_s=window_images / max(elapsed, 1e-9), step_time_s=elapsed / window_steps)
+            if val_now and rank == 0:
+                metrics.update(validate(unwrap(explainer), target, val_images, vcfg))
+            ckpt, ckpt_dir = None, None
+            if ckpt_now and rank == 0:
+                ckpt, ckpt_dir = _save_checkpoint(explainer, optimizer, scheduler, position, config)
+            if final and rank == 0:
+                write_artifact(unwrap(explainer), target, config, step)
+            if rank == 0:
+                append_metrics(config["run_dir"], metrics)
+            ray.train.report(metrics, checkpoint=ckpt)
+            if ckpt_dir:
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
+            window, window_steps, window_images, window_start = {}, 0, 0, time.perf_counter()
+            if final:
+                break
+        if step < total:  # the epoch ran out: start the next one
+            if position["batches_in_epoch"] == 0:
+                raise ValueError(f"worker {rank} got no full batch of {tcfg['batch_size']} in an epoch: too little data")
+            position.update(epoch=position["epoch"] + 1, batches_in_epoch=0)
+    if start_step >= total and rank == 0:
+        # A rerun of a finished run: nothing to train, rewrite the artifact from the checkpoint.
+        write_artifact(unwrap(explainer), target, config, step)
+    if keys_file is not None:
+        keys_file.close()
+
+
+def append_metrics(run_dir: str, metrics: dict) -> None:
+    """Rank 0 appends each report to <run_dir>/metrics.jsonl (local storage only: object stores cannot append)."""
+    if "://" in run_dir:
+        return
+    with open(Path(run_dir) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({**metrics, "time": time.time()}) + "\n")
+
+
+# ---------------------------------------------------------------- artifact
+
+
+def artifact_metadata(config: dict, target, step: int) -> dict:
+    tcfg = config["target"]
+    return {
+        "steps": step,
+        "run_name": config["name"],
+        "target": {
+            "spec": tcfg["spec"],
+            "checkpoint": tcfg["checkpoint"],
+            "checksum": target.checksum,
+            "kwargs": tcfg["kwargs"],
+            "pretrained": tcfg["pretrained"],
+            "mean": [float(v) for v in target.mean.tolist()],
+            "std": [float(v) for v in target.std.tolist()],
+            "input_size": list(target.input_size),
+            "num_classes": target.num_classes,
+            "class_names": target.class_names,
+        },
+        "data": config["data_identity"],
+        "image_size": config["data"]["image_size"],
+        "crop_pct": config["data"]["crop_pct"],
+        "objective": ObjectiveConfig(**config["objective"]).to_dict(),
+        "train": config["train"],
+        "workers": config["run"]["workers"],
+        "import_paths": config.get("import_paths", []),
+    }
+
+
+def load_trained_explainer(path: str, device="cpu"):
+    """(explainer, target, metadata) from an artifact directory alone: the target is rebuilt from its metadata."""
+    metadata = json.loads((Path(path) / "explainer.json").read_text())["metadata"]
+    for p in metadata.get("import_paths", []):
+        if p not in sys.path:
+            sys.path.append(p)
+    t = metadata["target"]
+    target = make_target(
+        {"spec": t["spec"], "checkpoint": t["checkpoint"], "kwargs": t["kwargs"], "pretrained": t["pretrained"],
+         "mean": t["mean"], "std": t["std"], "input_size": t["input_size"], "class_names": t["class_names"],
+         "gradient_checkpointing": False},
+        device,
+    )
+    explainer, metadata = load_explainer(path, target)
+    return explainer.to(device).eval(), target, metadata
+
+
+def write_artifact(explainer, target, config: dict, step: int) -> str:
+    """save_explainer into <run_dir>/explainer (written locally, then copied when the storage is remote)."""
+    destination = f"{config['run_dir']}/explainer"
+    metadata = artifact_metadata(config, target, step)
+    if "://" not in destination:
+        save_explainer(destination, explainer, metadata)
+        return destination
+    import fsspec
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_explainer(tmp, explainer, metadata)
+        fs, path = fsspec.core.url_to_fs(destination)
+        for name in os.listdir(tmp):
+            fs.put(os.path.join(tmp, name), f"{path}/{name}")
+    return destination
+
+
+# ---------------------------------------------------------------- driver
+
+
+def data_identity(urls: list[str]) -> dict:
+    """The training data's identity: its shard URLs and a hash of (URL, size) lines."""
+    import fsspec
+
+    digest = hashlib.sha256()
+    for url in urls:
+        fs, path = fsspec.core.url_to_fs(url)
+        digest.update(f"{url}\t{fs.size(path)}\n".encode())
+    return {"shards": urls, "sha256": digest.hexdigest()}
+
+
+def prepare_synthetic(config: dict) -> tuple[str, str]:
+    """Demo data: synthetic train/val shards written once into <run_dir>/data (reused on rerun)."""
+    from pipeline.data import expand_urls
+    from pipeline.shards import make_shards
+
+    scfg = config["data"]["synthetic"]
+    out = f"{config['run_dir']}/data"
+    specs = []
+    for prefix, count, seed in (("train", scfg["train"], config["seed"]), ("val", scfg["val"], config["seed"] + 1)):
+        spec = f"{out}/{prefix}-*.tar"
+        try:
+            expand_urls(spec)
+        except FileNotFoundError:
+            make_shards(out, synthetic=count, size=scfg["size"], num_classes=scfg["num_classes"], prefix=prefix,
+                        max_count=scfg["shard_size"], seed=seed, progress=False)
+        specs.append(spec)
+    return specs[0], specs[1]
+
+
+def fit_target(config: dict, urls: list[str]) -> str:
+    """Demo only: fit the (untrained) target on the training shards for target.fit_steps; returns its weight file.
+
+    A target that already has a checkpoint is never touched. The file is <run_dir>/target.pt,
+    reused on a rerun, so the artifact's target checksum stays the same.
+    """
+    import fsspec
+
+    from pipeline.data import iter_shard
+
+    tcfg, dcfg = config["target"], config["data"]
+    destination = f"{config['run_dir']}/target.pt"
+    fs, path = fsspec.core.url_to_fs(destination)
+    if fs.exists(path):
+        return destination
+    torch.manual_seed(config["seed"])
+    target = make_target({**tcfg, "checkpoint": None})
+    net = target.net
+    net.requires_grad_(True)
+    net.train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=tcfg["fit_lr"], weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, tcfg["fit_lr"], total_steps=tcfg["fit_steps"])
+
+    def rows():
+        while True:
+            for url in urls:
+                for row in iter_shard(url, dcfg["image_size"], dcfg["crop_pct"]):
+                    if row["error"] is None and row["label"] >= 0:
+                        yield row
+
+    stream, started = rows(), time.perf_counter()
+    for step in range(tcfg["fit_steps"]):
+        chunk = [next(stream) for _ in range(tcfg["fit_batch_size"])]
+        images = to_tensor(np.stack([r["image"] for r in chunk]))
+        if torch.rand(()) < 0.5:
+            images = images.flip(-1)
+        labels = torch.tensor([r["label"] for r in chunk])
+        loss = torch.nn.functional.cross_entropy(net(target.normalise(images)), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if (step + 1) % 50 == 0 or step + 1 == tcfg["fit_steps"]:
+            print(f"fit target: step {step + 1}/{tcfg['fit_steps']} loss {loss.item():.3f} "
+                  f"({time.perf_counter() - started:.0f}s)", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(net.state_dict(), f"{tmp}/target.pt")
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        fs.put(f"{tmp}/target.pt", path)
+    return destination
+
+
+def _write_text(url: str, text: str) -> None:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    with fs.open(path, "w") as f:
+        f.write(text)
+
+
+def run(config: dict, verbose: bool = True) -> str:
+    """Train an explainer as configured (see pipeline.config); returns the artifact's location."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.data import expand_urls, read_shards
+
+    config = dict(config)
+    if verbose:
+        print("resolved config:\n" + dump_config(config), flush=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    storage = config["run"]["storage"].rstrip("/")
+    config["run_dir"] = f"{storage}/{config['name']}"
+    # User model specs import from the launch directory (the uploaded working dir under `ray job submit`).
+    config["import_paths"] = [os.getcwd()]
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+    train_spec, val_spec = config["data"]["train"], config["data"]["val"]
+    if train_spec is None:
+        synthetic_train, synthetic_val = prepare_synthetic(config)
+        train_spec = synthetic_train
+        val_spec = val_spec or synthetic_val
+    train_urls = expand_urls(train_spec)
+    config["val_urls"] = expand_urls(val_spec) if val_spec else []
+    config["data_identity"] = data_identity(train_urls)
+    if config["target"]["checkpoint"] is None and config["target"]["fit_steps"] > 0:
+        config["target"] = {**config["target"], "checkpoint": fit_target(config, train_urls)}
+
+    if verbose:
+        print(f"training data: {len(train_urls)} shards, sha256 {config['data_identity']['sha256'][:16]}; "
+              f"target checkpoint: {config['target']['checkpoint']}", flush=True)
+    _write_text(f"{config['run_dir']}/config.yaml", dump_config(config))
+
+    dcfg = config["data"]
+    ds = read_shards(train_urls, dcfg["image_size"], dcfg["crop_pct"], num_cpus=dcfg["read_cpus"])
+    ds = ds.map_batches(to_training_columns, batch_format="numpy", num_cpus=dcfg["read_cpus"])
+
+    rcfg = config["run"]
+    scaling = ray.train.ScalingConfig(
+        num_workers=rcfg["workers"],
+        use_gpu=bool(rcfg["gpus"]),
+        resources_per_worker={"CPU": rcfg["cpus_per_worker"], **({"GPU": 1} if rcfg["gpus"] else {})},
+    )
+    run_config = ray.train.RunConfig(
+        name=config["name"],
+        storage_path=storage,
+        failure_config=ray.train.FailureConfig(max_failures=rcfg["max_failures"]),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config["train"]["keep_checkpoints"]),
+    )
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=config, scaling_config=scaling, run_config=run_config,
+        datasets={"train": ds},
+    )
+    result = trainer.fit()
+    artifact = f"{config['run_dir']}/explainer"
+    if verbose:
+        if result.metrics:
+            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.metrics.items()}
+            print(f"final metrics: {shown}")
+        print(f"explainer artifact: {artifact}", flush=True)
+    return artifact

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Creates a fresh environment, installs the project with its test extras, runs the tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${L2R_TEST_VENV:-.venv-test}
+python3 -m venv "$VENV"
+"$VENV/bin/pip" install -q --upgrade pip >/dev/null
+"$VENV/bin/pip" install -q -e ".[test]"
+export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
+set +e
+"$VENV/bin/python" -m pytest -q "$@"
+rc=$?
+set -e
+# pytest exits 5 when it collected no tests: that is not a pass.
+if [ "$rc" -eq 5 ]; then echo "no tests were collected"; exit 1; fi
+exit "$rc"

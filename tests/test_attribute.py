@@ -1,0 +1,263 @@
+"""The batch attribution job: schema, one row per (key, method), exact AUCs, errors, resume, S3."""
+
+import io
+import json
+import socket
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from l2r.classifier import build_target
+from l2r.explainer import build_explainer, save_explainer
+from l2r.images import decode_heatmap, to_tensor
+from l2r.metrics import deletion_insertion
+from pipeline import attribute as att
+from pipeline.data import iter_shard
+from pipeline.shards import make_shards
+from tests.conftest_ray import ray_local  # noqa: F401  (session-scoped Ray fixture)
+
+SIZE = 16
+SPEC = "timm:test_resnet"
+KWARGS = {"num_classes": 10}
+METHODS = "l2r,gradcam,random"
+
+
+def png_bytes(seed: int) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(arr).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_tar(path, samples, truncate_to=None):
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for suffix, payload in members.items():
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    if truncate_to is not None:
+        data = Path(path).read_bytes()
+        Path(path).write_bytes(data[:truncate_to])
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Three synthetic shards, one with bad samples, a seeded target checkpoint, an untrained explainer."""
+    root = tmp_path_factory.mktemp("attribute")
+    make_shards(str(root / "shards"), synthetic=18, size=SIZE, max_count=6, progress=False)
+    bad = [
+        ("good", {"png": png_bytes(1), "cls": b"3"}),
+        ("corrupt", {"png": b"\x89PNG garbage", "cls": b"1"}),
+        ("nolabel", {"png": png_bytes(2)}),
+    ]
+    write_tar(root / "shards" / "train-0003.tar", bad)
+    torch.manual_seed(0)
+    target = build_target(SPEC, model_kwargs=KWARGS, input_size=(SIZE, SIZE))
+    torch.save(target.net.state_dict(), root / "target.pt")
+    target = build_target(SPEC, checkpoint=root / "target.pt", model_kwargs=KWARGS, input_size=(SIZE, SIZE))
+    explainer = build_explainer({"backbone": "target", "layers": ["layer1", "layer2"], "dim": 8, "head_dim": 8},
+                                target=target)
+    save_explainer(root / "explainer", explainer, {"note": "untrained, for tests"})
+    return {"root": root, "target": target, "checkpoint": str(root / "target.pt"), "explainer": str(root / "explainer")}
+
+
+def job_args(assets, output, shards=None, methods=METHODS, extra=()):
+    return [
+        "--shards", shards or str(assets["root"] / "shards" / "train-{0000..0003}.tar"),
+        "--output", str(output), "--model", SPEC, "--checkpoint", assets["checkpoint"],
+        "--model-kwargs", json.dumps(KWARGS), "--input-size", str(SIZE),
+        "--explainer", assets["explainer"], "--methods", methods,
+        "--actors", "2", "--actor-cpus", "1", "--batch-size", "4", *extra,
+    ]
+
+
+def config(assets, output, **overrides):
+    settings = dict(shards=str(assets["root"] / "shards" / "train-{0000..0003}.tar"), output=str(output),
+                    target=SPEC, checkpoint=assets["checkpoint"], model_kwargs=KWARGS, input_size=(SIZE, SIZE),
+                    explainer=assets["explainer"], methods=METHODS, actors=1, actor_cpus=1.0, batch_size=5)
+    settings.update(overrides)
+    return att.AttributeConfig(**settings)
+
+
+def expected_keys(assets, shard_names):
+    keys = set()
+    for name in shard_names:
+        url = str(assets["root"] / "shards" / f"{name}.tar")
+        keys |= {(url, r["key"]) for r in iter_shard(url, SIZE)}
+    return keys
+
+
+@pytest.fixture(scope="module")
+def full_run(ray_local, assets):
+    """The job, run once through its command line."""
+    from jobs.attribute import main
+
+    output = assets["root"] / "out-full"
+    summary = main(job_args(assets, output))
+    return output, summary
+
+
+def test_schema_rows_and_manifest(assets, full_run):
+    output, summary = full_run
+    table = att.read_results(str(output))
+    assert table.schema == att.SCHEMA
+    files = sorted(p.name for p in (output / "parquet").iterdir())
+    assert files == [f"train-{i:04d}.parquet" for i in range(4)]  # one file per shard, nothing temporary
+    assert pq.read_table(output / "parquet").num_rows == table.num_rows  # the folder reads as one dataset
+    rows = table.to_pylist()
+    keys = expected_keys(assets, [f"train-{i:04d}" for i in range(4)])
+    methods = METHODS.split(",")
+    assert len(rows) == len(keys) * len(methods)
+    assert {(r["source"], r["key"], r["method"]) for r in rows} == {(s, k, m) for s, k in keys for m in methods}
+
+    good = [r for r in rows if r["error"] is None]
+    assert len(good) == (len(keys) - 1) * len(methods)  # one corrupt sample
+    for r in good:
+        assert 0 <= r["deletion_auc"] <= 1 and 0 <= r["insertion_auc"] <= 1
+        assert len(r["deletion_curve"]) == len(r["insertion_curve"]) == 21
+        assert r["height"] == r["width"] == SIZE and r["seconds"] >= 0
+        assert r["pred"] == r["target"] and r["pred_prob"] == pytest.approx(r["target_prob"])
+        assert decode_heatmap(r["heatmap"]).shape == (SIZE, SIZE)
+    cost = {r["method"]: (r["forward_passes"], r["backward_passes"]) for r in good}
+    assert cost == {"l2r": (1, 0), "gradcam": (1, 1), "random": (0, 0)}
+    assert {r["label"] for r in rows if r["key"] == "nolabel"} == {None}
+
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["protocol"] == {"steps": 21, "reference": "black", "target": "prediction"}
+    assert manifest["target"]["checksum"] == assets["target"].checksum
+    assert len(manifest["explainer"]["weights_sha256"]) == 64 and manifest["explainer"]["document"]["metadata"]
+    assert manifest["counts"] == {"images_in": len(keys), "rows_out": len(rows), "images_errored": 1,
+                                  "rows_errored": len(methods)}
+    assert set(manifest["versions"]) >= {"torch", "ray", "pyarrow"}
+    assert summary["images"] == len(keys) and summary["errors"] == 1
+    assert set(summary["methods"]) == set(methods)
+
+
+def test_aucs_match_recomputation_from_stored_map(assets, full_run):
+    output, _ = full_run
+    rows = [r for r in att.read_results(str(output)).to_pylist() if r["error"] is None]
+    images = {}
+    for url in {r["source"] for r in rows}:
+        images.update({(url, x["key"]): x["image"] for x in iter_shard(url, SIZE)})
+    rows = rows[::5]  # a sample keeps the test fast
+    batch = to_tensor(np.stack([images[(r["source"], r["key"])] for r in rows]))
+    maps = torch.from_numpy(np.stack([decode_heatmap(r["heatmap"]) for r in rows]))
+    targets = torch.tensor([r["target"] for r in rows])
+    again = deletion_insertion(assets["target"], batch, maps, targets, steps=21, reference="black")
+    np.testing.assert_allclose(again["deletion_auc"].numpy(), [r["deletion_auc"] for r in rows], atol=1e-5)
+    np.testing.assert_allclose(again["insertion_auc"].numpy(), [r["insertion_auc"] for r in rows], atol=1e-5)
+    np.testing.assert_allclose(again["deletion_curve"].numpy(), [r["deletion_curve"] for r in rows], atol=1e-5)
+
+
+def test_bad_samples_become_error_rows(full_run):
+    output, _ = full_run
+    rows = att.read_results(str(output)).to_pylist()
+    corrupt = [r for r in rows if r["key"] == "corrupt"]
+    assert len(corrupt) == 3 and all(r["error"].startswith("corrupt image") for r in corrupt)
+    assert all(r["deletion_auc"] is None and r["heatmap"] is None and r["pred"] is None for r in corrupt)
+    assert all(r["error"] is None for r in rows if r["key"] in ("good", "nolabel"))
+
+
+def test_crash_and_rerun_gives_each_key_once(ray_local, assets, tmp_path):
+    output = tmp_path / "out"
+    cfg = config(assets, output, methods="l2r,random")
+    with pytest.raises(RuntimeError, match="test hook"):
+        att.run_attribution(cfg, log=lambda line: None, _fail_after_shards=2)
+    done = sorted(p.name for p in (output / "done").iterdir())
+    assert done == ["train-0000.json", "train-0001.json"]
+    first = (output / "parquet" / "train-0000.parquet").stat().st_mtime_ns
+    # A shard written but not marked (a crash between the two) is redone, not duplicated.
+    (output / "done" / "train-0001.json").unlink()
+
+    summary = att.run_attribution(cfg, log=lambda line: None)
+    assert summary["shards_skipped"] == 1 and summary["shards_done"] == 3
+    assert (output / "parquet" / "train-0000.parquet").stat().st_mtime_ns == first  # skipped, not rewritten
+    rows = att.read_results(str(output)).to_pylist()
+    seen = [(r["source"], r["key"], r["method"]) for r in rows]
+    keys = expected_keys(assets, [f"train-{i:04d}" for i in range(4)])
+    assert len(seen) == len(set(seen)) == 2 * len(keys)
+    assert summary["images"] == len(keys)
+    assert not [p for p in (output / "parquet").iterdir() if p.name.startswith(".")]
+
+    # Same output, different protocol: refused instead of mixing results.
+    with pytest.raises(ValueError, match="different configuration"):
+        att.run_attribution(config(assets, output, methods="l2r,random", steps=11), log=lambda line: None)
+    # ... unless told to start over: then only the new results remain.
+    shard = str(assets["root"] / "shards" / "train-0003.tar")
+    att.run_attribution(config(assets, output, shards=shard, methods="random", steps=11, overwrite=True),
+                        log=lambda line: None)
+    rows = att.read_results(str(output)).to_pylist()
+    assert sorted(p.name for p in (output / "parquet").iterdir()) == ["train-0003.parquet"]
+    assert len(rows) == 3 and all(len(r["deletion_curve"]) == 11 for r in rows if r["error"] is None)
+
+
+def test_config_validation(assets, tmp_path):
+    with pytest.raises(ValueError, match="unknown methods"):
+        config(assets, tmp_path, methods="l2r,nope")
+    with pytest.raises(ValueError, match="explainer"):
+        config(assets, tmp_path, methods="l2r", explainer=None)
+    with pytest.raises(ValueError, match="reference"):
+        config(assets, tmp_path, reference="white")
+
+
+def test_output_names_disambiguate_clashes():
+    names = att.output_names(["/a/x-0.tar", "/b/x-0.tar", "s3://b/y.tar"])
+    assert names["s3://b/y.tar"] == "y" and len(set(names.values())) == 3
+    assert all(n.startswith("x-0-") for u, n in names.items() if "x-0" in u)
+
+
+# ---------------------------------------------------------------- S3 round trip (moto on loopback)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    server_module = pytest.importorskip("moto.server")
+    s3fs = pytest.importorskip("s3fs")
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port())
+    server.start()
+    endpoint = f"http://127.0.0.1:{server._port}"
+    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint}}
+    fs = s3fs.S3FileSystem(**options)
+    if not fs.exists("attr"):
+        fs.mkdir("attr")
+    yield fs, options
+    server.stop()
+
+
+def test_s3_round_trip(ray_local, assets, s3_endpoint):
+    from jobs.attribute import main
+
+    fs, options = s3_endpoint
+    for i in (0, 3):
+        fs.put(str(assets["root"] / "shards" / f"train-{i:04d}.tar"), f"attr/shards/train-{i:04d}.tar")
+    fs.invalidate_cache()
+    args = job_args(assets, "s3://attr/out", shards="s3://attr/shards/*.tar", methods="l2r,random",
+                    extra=("--storage-options", json.dumps(options), "--target", "label"))
+    summary = main(args)
+    assert summary["shards_done"] == 2
+    fs.invalidate_cache()
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("attr/out/parquet")) == ["train-0000.parquet", "train-0003.parquet"]
+    assert fs.exists("attr/out/manifest.json") and len(fs.ls("attr/out/done")) == 2
+    table = att.read_results("s3://attr/out", filesystem=fs)
+    rows = table.to_pylist()
+    assert {r["source"] for r in rows} == {"s3://attr/shards/train-0000.tar", "s3://attr/shards/train-0003.tar"}
+    assert len(rows) == 2 * (6 + 3)
+    good = [r for r in rows if r["error"] is None]
+    assert all(r["target"] == r["label"] for r in good)  # --target label
+    nolabel = [r for r in rows if r["key"] == "nolabel"]
+    assert nolabel and all(r["error"].startswith("missing label") for r in nolabel)
+    again = main(args)  # a rerun finds everything done
+    assert again["shards_skipped"] == 2 and again["shards_done"] == 0 and again["images"] == 9

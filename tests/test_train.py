@@ -1,0 +1,290 @@
+"""Distributed training (pipeline/train.py, jobs/train.py): schedule, config, Ray Train runs, `ray job submit`.
+
+The Ray runs share one tiny setup (16 px synthetic shards and a ResNet-8 target fitted once,
+in-process), so each run is a few seconds of compute; most of their time is Ray start-up.
+"""
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import config as C
+from pipeline.data import expand_urls
+from pipeline import train as T
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "jobs" / "configs" / "demo.yaml"
+
+TINY = [
+    "data.image_size=16",
+    "data.synthetic={train: 256, val: 16, size: 16, num_classes: 10, shard_size: 64}",
+    "target.input_size=[16,16]",
+    "target.fit_steps=15",
+    "target.fit_batch_size=32",
+    "explainer.dim=16",
+    "explainer.head_dim=8",
+    "objective.k_train=8",
+    "objective.reference=black",
+    "objective.grid_min=4",
+    "objective.grid_max=8",
+    "train.lr=3e-3",
+    "train.report_every=4",
+    "val.images=8",
+    "val.batch_size=8",
+]
+
+
+# ---------------------------------------------------------------- no Ray
+
+
+def test_lr_schedule_warmup_and_cosine():
+    total = 1000
+    assert T.lr_factor(0, total) == pytest.approx(1 / 25)
+    assert T.lr_factor(60, total) == pytest.approx(1.0)  # warm-up is 6 % of the steps
+    assert T.lr_factor(30, total) == pytest.approx(1 / 25 + (1 - 1 / 25) * 0.5)
+    assert T.lr_factor(total, total) == pytest.approx(1 / 25 / 1e4)
+    mid = 60 + (total - 60) / 2
+    assert T.lr_factor(mid, total) == pytest.approx((1 + 1 / 25 / 1e4) / 2, rel=1e-3)
+    values = [T.lr_factor(s, total) for s in range(60, total + 1)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_config_layers_and_errors(tmp_path):
+    cfg = C.load_config(DEMO, ["objective.chunk_size=64", "train.lr=1e-3", "val.every=0"],
+                        {"workers": 3, "storage": "rel/runs", "steps": None})
+    assert cfg["name"] == "demo"
+    assert cfg["objective"]["chunk_size"] == 64
+    assert cfg["train"]["lr"] == pytest.approx(1e-3) and cfg["train"]["weight_decay"] == pytest.approx(1e-3)
+    assert cfg["run"]["workers"] == 3 and cfg["train"]["steps"] == 200  # None flags do not override
+    assert cfg["run"]["storage"] == os.path.abspath("rel/runs")
+    assert cfg["val"]["every"] == 0
+    with pytest.raises(KeyError, match="train.stpes"):
+        C.load_config(DEMO, ["train.stpes=3"])
+    assert C.parse_value("3e-4") == pytest.approx(3e-4) and C.parse_value("[1, 2]") == [1, 2]
+    assert C.parse_value("null") is None and C.parse_value("s3://b/x") == "s3://b/x"
+    again = C.load_config(None, [f"{k}={json.dumps(v)}" for k, v in [("train.steps", 5)]])
+    assert again["train"]["steps"] == 5
+
+
+def test_training_columns_drop_errors_and_ids_are_stable():
+    import numpy as np
+
+    batch = {
+        "key": np.array(["a", "b", "c"], dtype=object),
+        "source": np.array(["s0.tar", "s0.tar", "s1.tar"], dtype=object),
+        "image": np.zeros((3, 4, 4, 3), np.uint8),
+        "label": np.array([1, -1, 2]),
+        "error": np.array([None, "corrupt image: x", None], dtype=object),
+    }
+    out = T.to_training_columns(batch)
+    assert out["image"].shape[0] == 2 and out["label"].tolist() == [1, 2]
+    assert out["sample_id"].tolist() == T.sample_ids(["a", "c"], ["s0.tar", "s1.tar"]).tolist()
+    assert len(set(T.sample_ids(["a", "a"], ["s0.tar", "s1.tar"]).tolist())) == 2  # keys repeat across shards
+
+
+@pytest.mark.parametrize("name", ["demo", "cifar10", "imagenet-paper"])
+def test_shipped_configs_resolve(name):
+    cfg = C.load_config(ROOT / "jobs" / "configs" / f"{name}.yaml")
+    T.ObjectiveConfig(**cfg["objective"])
+    assert cfg["name"] == name and cfg["target"]["spec"]
+    if name == "imagenet-paper":
+        assert cfg["data"]["train"].startswith("s3://YOUR-BUCKET/")
+        assert cfg["train"]["batch_size"] == 32 and cfg["run"]["gpus"] and cfg["explainer"]["blocks"] == [4, 11, 17, 23]
+
+
+# ---------------------------------------------------------------- shared tiny data + target
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Synthetic shards and a fitted target written once; runs point at them (no regeneration)."""
+    root = tmp_path_factory.mktemp("train")
+    cfg = C.load_config(DEMO, TINY, {"storage": str(root), "name": "prep"})
+    cfg["run_dir"] = str(root / "prep")
+    train_spec, val_spec = T.prepare_synthetic(cfg)
+    checkpoint = T.fit_target(cfg, expand_urls(train_spec))
+    sets = TINY + [f"data.train={train_spec}", f"data.val={val_spec}", f"target.checkpoint={checkpoint}"]
+    return {"root": root, "sets": sets, "checkpoint": checkpoint}
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def read_keys(path):
+    """[(step, sample id)] in the order written, split into attempts where the step goes back."""
+    attempts, last = [[]], -1
+    for line in Path(path).read_text().splitlines():
+        step, sample = (int(x) for x in line.split("\t"))
+        if step < last:
+            attempts.append([])
+        attempts[-1].append((step, sample))
+        last = step
+    return attempts
+
+
+# ---------------------------------------------------------------- Ray Train, in-process Ray
+
+
+@pytest.fixture(scope="module")
+def failing_run(tiny, ray_local):
+    """2 CPU workers (gloo); rank 1 raises at step 12; restarted from the step-8 checkpoint; 24 steps."""
+    cfg = C.load_config(DEMO, tiny["sets"] + [
+        "debug.fail_at_step=12", "debug.fail_rank=1", "debug.record_keys=true", "run.max_failures=1",
+    ], {"storage": str(tiny["root"]), "name": "two", "workers": 2, "steps": 24, "batch_size": 4,
+        "checkpoint_every": 8, "val_every": 12})
+    started = time.perf_counter()
+    artifact = T.run(cfg, verbose=False)
+    return {"cfg": cfg, "artifact": artifact, "run_dir": tiny["root"] / "two", "seconds": time.perf_counter() - started}
+
+
+@pytest.mark.slow
+def test_two_workers_disjoint_data_and_loss_decreases(failing_run):
+    run_dir = failing_run["run_dir"]
+    rank0, rank1 = read_keys(run_dir / "keys" / "rank0.txt"), read_keys(run_dir / "keys" / "rank1.txt")
+    for a0, a1 in zip(rank0, rank1):  # each attempt: the two workers never share a sample
+        ids0, ids1 = {i for _, i in a0}, {i for _, i in a1}
+        assert ids0 and ids1 and not ids0 & ids1
+        assert len(ids0) == len(a0) and len(ids1) == len(a1)  # and no repeats within an epoch
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.02, [round(m["loss"], 3) for m in metrics]
+    assert metrics[-1]["images_per_s"] > 0 and 0 < metrics[-1]["lr"] < 3e-3
+    final = metrics[-1]
+    assert 0 <= final["val_deletion_auc"] < final["val_insertion_auc"] <= 1
+
+
+@pytest.mark.slow
+def test_worker_failure_resumes_from_checkpoint_with_continuous_steps(failing_run):
+    run_dir = failing_run["run_dir"]
+    steps = [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")]
+    # Attempt 1 reports 4, 8 (checkpoint), 12, then rank 1 fails; attempt 2 restarts at 8.
+    assert steps == [4, 8, 12, 12, 16, 20, 24], steps
+    attempts = read_keys(run_dir / "keys" / "rank0.txt")
+    assert len(attempts) == 2
+    assert attempts[0][0][0] == 0 and attempts[0][-1][0] >= 11
+    assert [s for s, _ in attempts[1]][::4] == list(range(8, 24))  # 4 images a step, continuous
+    _, _, metadata = T.load_trained_explainer(failing_run["artifact"])
+    assert metadata["steps"] == 24 and metadata["workers"] == 2
+    assert len(metadata["data"]["shards"]) == 4 and len(metadata["data"]["sha256"]) == 64
+    assert (run_dir / "config.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_rerun_with_same_name_resumes_where_it_stopped(failing_run):
+    cfg = failing_run["cfg"]
+    cfg = {**cfg, "train": {**cfg["train"], "steps": 28}, "run": {**cfg["run"], "workers": 1},
+           "debug": {**cfg["debug"], "fail_at_step": None}}
+    T.run(cfg, verbose=False)
+    run_dir = failing_run["run_dir"]
+    steps = [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")]
+    assert steps[-1] == 28 and steps[-2] == 24  # no step repeated: continued from the step-24 checkpoint
+    keyed_steps = [s for attempt in read_keys(run_dir / "keys" / "rank0.txt") for s, _ in attempt]
+    assert keyed_steps[-16:][::4] == [24, 25, 26, 27]
+    explainer, target, metadata = T.load_trained_explainer(failing_run["artifact"])
+    assert metadata["steps"] == 28
+
+
+# ---------------------------------------------------------------- `ray job submit` on a head of our own
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.fixture
+def ray_head():
+    """A Ray head of our own (free ports, its own temp dir), stopped by killing only its processes.
+
+    `ray stop` would end every Ray on the machine, including the in-process Ray of other tests.
+    The head runs with `--block` in a new session; at the end we signal that process group and
+    then any process whose command line names our temp dir.
+    """
+    if not Path("/proc").is_dir():
+        pytest.skip("needs /proc to find the head's processes")
+    temp_dir = tempfile.mkdtemp(prefix="l2rray_", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+    ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port", "node-manager-port",
+                                            "object-manager-port", "dashboard-agent-listen-port",
+                                            "dashboard-agent-grpc-port", "metrics-export-port",
+                                            "runtime-env-agent-port")}
+    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=4",
+               "--disable-usage-stats", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+               f"--temp-dir={temp_dir}"] + [f"--{k}={v}" for k, v in ports.items()]
+    log = open(Path(temp_dir) / "head.log", "w")
+    head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{ports['dashboard-port']}"
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            if head.poll() is not None:
+                raise RuntimeError(f"ray start exited: {(Path(temp_dir) / 'head.log').read_text()[-3000:]}")
+            ready = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "list", "--address", address],
+                                   env=env, capture_output=True, timeout=60)
+            if ready.returncode == 0:
+                break
+            time.sleep(1)
+        else:
+            raise RuntimeError("Ray head did not come up in 90 s")
+        yield {"address": address, "env": env}
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(head.pid, sig)
+            except ProcessLookupError:
+                pass
+            for pid in processes_mentioning(temp_dir):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            time.sleep(2 if sig == signal.SIGTERM else 0)
+        head.wait(timeout=30)
+        log.close()
+
+
+@pytest.mark.slow
+def test_ray_job_submit_trains_and_writes_loadable_artifact(tiny, ray_head, tmp_path):
+    storage = tmp_path / "runs"
+    overrides = [arg for s in tiny["sets"] for arg in ("--set", s)]
+    command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_head["address"],
+               "--working-dir", ".", "--", "python", "jobs/train.py", "--config", "jobs/configs/demo.yaml",
+               "--storage", str(storage), "--name", "submitted", "--steps", "4", "--batch-size", "4",
+               "--checkpoint-every", "2", "--val-every", "4", *overrides]
+    done = subprocess.run(command, cwd=ROOT, env=ray_head["env"], capture_output=True, text=True, timeout=400)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-5000:]
+    artifact = storage / "submitted" / "explainer"
+    assert f"explainer artifact: {artifact}" in output
+    explainer, target, metadata = T.load_trained_explainer(artifact)
+    assert metadata["steps"] == 4 and metadata["target"]["checksum"] is not None
+    images = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        maps = explainer(images, target(images).argmax(1))
+    assert maps.shape == (2, 1, 16, 16) and torch.isfinite(maps).all()
+    assert not math.isnan(float(maps.std()))
