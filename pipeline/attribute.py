@@ -21,6 +21,9 @@ marker and rewrites the others under the same names, so after a crash and a reru
 key appears exactly once (per method). A rerun into an output written with a different
 configuration (methods, protocol, models) is refused unless ``overwrite`` is set.
 
+Paths: the target checkpoint and the explainer folder are read by every actor, so on a
+multi-node cluster they must be on shared storage (or the same path on every node).
+
 Costs recorded per row: ``forward_passes`` / ``backward_passes`` (target passes per image
 to produce the map; the evaluation's 2(K-2)+1 forwards are the same for every method) and
 ``seconds`` (wall seconds per image to produce the map, amortised over the batch);
@@ -34,7 +37,6 @@ import hashlib
 import json
 import os
 import platform
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -208,7 +210,7 @@ class Attributor:
         import torch
 
         from l2r.images import encode_heatmap, to_tensor
-        from l2r.metrics import deletion_insertion, predict
+        from l2r.metrics import predict
 
         self.calls += 1
         keys, sources = batch["key"], batch["source"]
@@ -615,9 +617,12 @@ def _cluster_plan(config: AttributeConfig) -> dict:
 
 
 def _target_kwargs(config: AttributeConfig) -> dict:
+    checkpoint = config.checkpoint
+    if checkpoint and "://" not in str(checkpoint):
+        checkpoint = os.path.abspath(checkpoint)  # actors may run in another directory
     return {
         "spec": config.target,
-        "checkpoint": config.checkpoint,
+        "checkpoint": checkpoint,
         "model_kwargs": dict(config.model_kwargs or {}),
         "mean": tuple(config.mean) if config.mean is not None else None,
         "std": tuple(config.std) if config.std is not None else None,

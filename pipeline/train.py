@@ -9,8 +9,14 @@ share of the stream with `get_dataset_shard("train").iter_torch_batches`, and ru
 
 Run directory `<storage>/<name>/`: `config.yaml`, Ray Train's `checkpoint_*` dirs (each a
 `state.pt`: explainer, optimiser, scheduler, step, data position, config), `explainer/`
-(the final artifact, `l2r.explainer.save_explainer`), `data/` (demo shards), `target.pt`
-(demo target), `keys/` (debug.record_keys).
+(the final artifact, `l2r.explainer.save_explainer`), `metrics.jsonl` (every report, local
+storage only), `data/` (demo shards), `target.pt` (demo target), `keys/` (debug.record_keys).
+
+Reported metrics (means over the window since the last report, averaged over workers): loss,
+auc_desc, auc_asc, peak, tau, grid, lr, grad_norm, compute_s (time in `train_step`),
+step_time_s (loop time per step, data and Ray included), images_per_s (all workers), step,
+epoch, images_seen; with validation also val_deletion_auc, val_insertion_auc (exact, top-1
+target, `val.reference`).
 
 Resume and failures: a rerun with the same storage and name, or a worker group restarted
 by `FailureConfig(max_failures)`, loads the latest checkpoint and continues at its step
@@ -528,11 +534,18 @@ def run(config: dict, verbose: bool = True) -> str:
               f"target checkpoint: {config['target']['checkpoint']}", flush=True)
     _write_text(f"{config['run_dir']}/config.yaml", dump_config(config))
 
-    dcfg = config["data"]
+    dcfg, rcfg = config["data"], config["run"]
+    needed = rcfg["workers"] * rcfg["cpus_per_worker"] + dcfg["read_cpus"]
+    if not ray.is_initialized() and "RAY_ADDRESS" not in os.environ:
+        # A local Ray: declare enough logical CPUs for the workers plus a reader, or Ray Data
+        # waits forever for a CPU the trainers hold.
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)))
+    elif ray.cluster_resources().get("CPU", 0) < needed:
+        print(f"warning: the cluster has {ray.cluster_resources().get('CPU', 0)} CPUs; workers and one reader "
+              f"need {needed} (reading may stall unless it scales up)", flush=True)
     ds = read_shards(train_urls, dcfg["image_size"], dcfg["crop_pct"], num_cpus=dcfg["read_cpus"])
     ds = ds.map_batches(to_training_columns, batch_format="numpy", num_cpus=dcfg["read_cpus"])
 
-    rcfg = config["run"]
     scaling = ray.train.ScalingConfig(
         num_workers=rcfg["workers"],
         use_gpu=bool(rcfg["gpus"]),

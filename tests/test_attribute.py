@@ -198,6 +198,24 @@ def test_crash_and_rerun_gives_each_key_once(ray_local, assets, tmp_path):
     assert len(rows) == 3 and all(len(r["deletion_curve"]) == 11 for r in rows if r["error"] is None)
 
 
+def test_attributor_with_refinement_without_ray(assets):
+    """The per-batch work alone: refinement of the l2r map is counted in its cost."""
+    settings = {"device": "cpu", "threads": 1, "methods": ["l2r", "saliency"], "method_options": {},
+                "refine_steps": 2, "protocol": {"steps": 6, "reference": "blur", "target": "prediction"},
+                "forward_batch": 64, "explainer": assets["explainer"],
+                "target": {"spec": SPEC, "checkpoint": assets["checkpoint"], "model_kwargs": KWARGS,
+                           "input_size": (SIZE, SIZE)}}
+    rows = list(iter_shard(str(assets["root"] / "shards" / "train-0003.tar"), SIZE))
+    batch = {k: np.array([r[k] for r in rows], dtype=object) for k in ("key", "source", "error")}
+    batch["image"] = np.stack([r["image"] for r in rows])
+    batch["label"] = np.array([r["label"] for r in rows])
+    table = att.Attributor(settings)(batch)
+    assert table.schema == att.SCHEMA and table.num_rows == 2 * len(rows)
+    good = [r for r in table.to_pylist() if r["error"] is None]
+    assert {r["method"]: r["forward_passes"] for r in good} == {"l2r": 1 + 2 * 2 * 16, "saliency": 1}
+    assert all(len(r["insertion_curve"]) == 6 and 0 <= r["insertion_auc"] <= 1 for r in good)
+
+
 def test_config_validation(assets, tmp_path):
     with pytest.raises(ValueError, match="unknown methods"):
         config(assets, tmp_path, methods="l2r,nope")
