@@ -51,6 +51,8 @@ def build_parser():
     p.add_argument("--steps", type=int, default=21, help="fractions K of the curves (ends included)")
     p.add_argument("--reference", default="black", choices=["black", "mean", "blur"])
     p.add_argument("--target", default="prediction", choices=["prediction", "label"], help="class to explain")
+    p.add_argument("--masks", action="store_true",
+                   help="read each sample's mask.png (synthetic shards) and add pointing_hit and mask_auroc")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--actors", type=int, help="actor pool size (default: one per GPU, or one per CPU)")
     p.add_argument("--actor-cpus", type=float, help="CPUs per actor (fractions allowed)")
@@ -86,6 +88,7 @@ def main(argv=None):
         steps=args.steps,
         reference=args.reference,
         target_rule=args.target,
+        with_mask=args.masks,
         device=args.device,
         actors=args.actors,
         actor_cpus=args.actor_cpus,

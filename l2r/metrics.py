@@ -123,3 +123,50 @@ def deletion_insertion(
         "clean_probs": clean_probs,
         "fractions": fracs,
     }
+
+
+# ---------------------------------------------------------------- evidence masks (known ground truth)
+
+
+def _flat_pair(maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    b = maps.shape[0]
+    flat_maps = maps.reshape(b, -1)
+    flat_masks = masks.reshape(masks.shape[0], -1).to(device=maps.device, dtype=torch.bool)
+    if flat_masks.shape != flat_maps.shape:
+        raise ValueError(f"masks {tuple(masks.shape)} do not fit maps {tuple(maps.shape)}")
+    return flat_maps, flat_masks
+
+
+def pointing_game(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Whether each map's top pixel lies inside its evidence mask: bool (B,).
+
+    maps (B,H,W) or (B,1,H,W); masks bool of the same size. The top pixel follows the
+    ranking rule of ``l2r.ranking.hard_order`` (ties: the lower flat index). An empty mask
+    gives False (there is nothing to point at; callers may report it as missing).
+    """
+    flat_maps, flat_masks = _flat_pair(maps, masks)
+    top = flat_maps.argmax(dim=1)  # the first maximal index, as hard_order's stable sort
+    return flat_masks.gather(1, top[:, None])[:, 0]
+
+
+def mask_auroc(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """AUROC of each map's scores for telling mask pixels from the rest: float64 (B,).
+
+    The probability that a random mask pixel scores higher than a random pixel outside
+    the mask, ties counting one half (Mann-Whitney U with average ranks). 1 = every
+    mask pixel ranks above every other pixel, 0.5 = chance (e.g. a constant map). NaN
+    where the mask is empty or covers the whole image (undefined).
+    """
+    flat_maps, flat_masks = _flat_pair(maps, masks)
+    scores = flat_maps.double()
+    ordered = scores.sort(dim=1).values
+    # 1-based average rank of each value: (#smaller + #smaller-or-equal + 1) / 2.
+    below = torch.searchsorted(ordered, scores, right=False)
+    upto = torch.searchsorted(ordered, scores, right=True)
+    ranks = (below + upto + 1).double() / 2
+    positives = flat_masks.sum(dim=1).double()
+    negatives = flat_masks.shape[1] - positives
+    rank_sum = (ranks * flat_masks).sum(dim=1)
+    u = rank_sum - positives * (positives + 1) / 2
+    result = u / (positives * negatives)
+    return torch.where((positives > 0) & (negatives > 0), result, torch.full_like(result, float("nan")))

@@ -28,6 +28,14 @@ Costs recorded per row: ``forward_passes`` / ``backward_passes`` (target passes 
 to produce the map; the evaluation's 2(K-2)+1 forwards are the same for every method) and
 ``seconds`` (wall seconds per image to produce the map, amortised over the batch);
 ``eval_seconds`` is the per-image time of the exact curves.
+
+Evidence masks (``with_mask``, ``--masks``): for shards whose samples carry a ``mask.png``
+(the synthetic data of ``pipeline.shards``), each row also gets ``pointing_hit`` (the map's
+top pixel lies inside the mask) and ``mask_auroc`` (AUROC of the map's scores for telling
+mask pixels from the rest, ties averaged), both from ``l2r.metrics`` on the method's raw map.
+Both are null without the option, for error rows, and where undefined (an empty mask; for
+``mask_auroc`` also a mask covering the whole image). With the option a sample without a
+mask becomes an error row (``missing mask``), as ``pipeline.data.read_shards`` reports it.
 """
 
 from __future__ import annotations
@@ -76,6 +84,8 @@ SCHEMA = pa.schema(
         ("seconds", pa.float64()),
         ("eval_seconds", pa.float64()),
         ("error", pa.string()),
+        ("pointing_hit", pa.bool_()),
+        ("mask_auroc", pa.float32()),
     ]
 )
 
@@ -106,6 +116,7 @@ class AttributeConfig:
     steps: int = Protocol.steps
     reference: str = Protocol.reference
     target_rule: str = Protocol.target  # prediction | label
+    with_mask: bool = False  # read mask.png of each sample; add pointing_hit and mask_auroc
     device: str = "auto"  # auto (GPU actors when the cluster has GPUs) | cpu | cuda
     actors: int | None = None  # default: one per GPU; on CPU one per CPU left after reads
     actor_cpus: float | None = None  # default: 1 per GPU actor; on CPU what reads leave, shared
@@ -169,6 +180,7 @@ class Attributor:
         self.refine_steps = int(settings.get("refine_steps") or 0)
         self.protocol = Protocol(**settings["protocol"])
         self.forward_batch = int(settings["forward_batch"])
+        self.with_mask = bool(settings.get("with_mask"))
         self.target = build_target(**settings["target"]).to(self.device)
         self.explainer = None
         self.explainer_forwards = 0
@@ -225,6 +237,11 @@ class Attributor:
         per_method = {}  # method -> dict of per-valid-image arrays
         pred = pred_prob = target = target_prob = None
         h, w = batch["image"].shape[1:3]
+        masks = None
+        if self.with_mask:
+            if "mask" not in batch:
+                raise ValueError("with_mask is set but the batch has no 'mask' column (read_shards(with_mask=True))")
+            masks = torch.from_numpy(np.asarray(batch["mask"], dtype=bool)[idx]).to(self.device)
         if len(idx):
             images = to_tensor(batch["image"][idx]).to(self.device)
             clean = predict(self.target, images, self.forward_batch)
@@ -237,7 +254,7 @@ class Attributor:
             pred, pred_prob = pred_t.cpu().numpy(), pred_prob_t.cpu().numpy()
             target, target_prob = targets.cpu().numpy(), target_prob_t.cpu().numpy()
             for method in self.methods:
-                per_method[method] = self._run_method(method, images, targets, clean, len(idx))
+                per_method[method] = self._run_method(method, images, targets, clean, len(idx), masks)
 
         position = {int(i): j for j, i in enumerate(idx)}
         rows = {name: [] for name in SCHEMA.names}
@@ -269,9 +286,12 @@ class Attributor:
                 rows["seconds"].append(res["seconds"] if j is not None else None)
                 rows["eval_seconds"].append(res["eval_seconds"] if j is not None else None)
                 rows["error"].append(err)
+                evidence = ok and "pointing_hit" in res
+                rows["pointing_hit"].append(res["pointing_hit"][j] if evidence else None)
+                rows["mask_auroc"].append(res["mask_auroc"][j] if evidence else None)
         return pa.table(rows, schema=SCHEMA)
 
-    def _run_method(self, method, images, targets, clean, b) -> dict:
+    def _run_method(self, method, images, targets, clean, b, masks=None) -> dict:
         import torch
 
         from l2r.metrics import deletion_insertion
@@ -300,7 +320,19 @@ class Attributor:
         self._sync()
         eval_seconds = (time.perf_counter() - start) / b
         bad = bad.cpu().numpy()
+        evidence = {}
+        if masks is not None:
+            from l2r.metrics import mask_auroc, pointing_game
+
+            empty = ~masks.flatten(1).any(dim=1)
+            hits = pointing_game(maps, masks).cpu().tolist()
+            aurocs = mask_auroc(maps, masks).cpu().tolist()
+            evidence = {
+                "pointing_hit": [None if e else bool(x) for x, e in zip(hits, empty.cpu().tolist())],
+                "mask_auroc": [None if a != a else float(a) for a in aurocs],  # NaN: undefined
+            }
         return {
+            **evidence,
             "error": [f"method failed: {method}: map is not finite" if x else None for x in bad],
             "maps": maps.cpu().numpy(),
             "deletion_auc": result["deletion_auc"].float().cpu().numpy(),
@@ -527,7 +559,7 @@ def package_versions() -> dict:
 
 
 class Stats:
-    """Images, errors and AUC sums per method; adds up batches and shard markers."""
+    """Images, errors and AUC sums per method (and evidence-mask sums); adds up batches and shard markers."""
 
     def __init__(self, methods):
         self.methods = list(methods)
@@ -535,15 +567,19 @@ class Stats:
         self.errors = 0  # images with a decode/label error
         self.rows = 0
         self.error_rows = 0
-        self.per_method = {m: {"n": 0, "deletion": 0.0, "insertion": 0.0, "errors": 0} for m in self.methods}
+        self.per_method = {m: {"n": 0, "deletion": 0.0, "insertion": 0.0, "errors": 0,
+                               "pointing_n": 0, "pointing_hits": 0, "auroc_n": 0, "auroc": 0.0}
+                           for m in self.methods}
 
     def add_table(self, table: pa.Table) -> None:
         methods = table.column("method").to_pylist()
         errors = table.column("error").to_pylist()
         dels = table.column("deletion_auc").to_pylist()
         ins = table.column("insertion_auc").to_pylist()
+        hits = table.column("pointing_hit").to_pylist()
+        aurocs = table.column("mask_auroc").to_pylist()
         first = self.methods[0]
-        for m, e, da, ia in zip(methods, errors, dels, ins):
+        for m, e, da, ia, hit, auroc in zip(methods, errors, dels, ins, hits, aurocs):
             self.rows += 1
             s = self.per_method[m]
             if m == first:
@@ -558,6 +594,12 @@ class Stats:
                 s["n"] += 1
                 s["deletion"] += da
                 s["insertion"] += ia
+                if hit is not None:
+                    s["pointing_n"] += 1
+                    s["pointing_hits"] += int(hit)
+                if auroc is not None:
+                    s["auroc_n"] += 1
+                    s["auroc"] += auroc
 
     def add(self, other: dict) -> None:
         self.images += other["images"]
@@ -580,6 +622,8 @@ class Stats:
                 "insertion_auc": s["insertion"] / s["n"] if s["n"] else None,
                 "images": s["n"],
                 "errors": s["errors"],
+                "pointing_game": s["pointing_hits"] / s["pointing_n"] if s["pointing_n"] else None,
+                "mask_auroc": s["auroc"] / s["auroc_n"] if s["auroc_n"] else None,
             }
             for m, s in self.per_method.items()
         }
@@ -642,6 +686,8 @@ def _identity(config: AttributeConfig, target, explainer: dict | None) -> dict:
                    "mean": target.mean.tolist(), "std": target.std.tolist(), "num_classes": target.num_classes,
                    "model_kwargs": config.model_kwargs},
         "explainer_weights_sha256": explainer["weights_sha256"] if explainer else None,
+        # Only when set, so outputs written before the option existed still resume.
+        **({"with_mask": True} if config.with_mask else {}),
     }
 
 
@@ -738,13 +784,14 @@ def run_attribution(config: AttributeConfig, filesystem=None, output_filesystem=
             "methods": list(config.methods),
             "method_options": config.method_options,
             "refine_steps": config.refine_steps,
+            "with_mask": config.with_mask,
             "protocol": config.protocol.to_dict(),
             "forward_batch": plan["forward_batch"],
             "target": _target_kwargs(config),
             "explainer": str(Path(config.explainer).resolve()) if explainer else None,
         }
-        ds = read_shards(todo, target.input_size, crop_pct=config.crop_pct, filesystem=filesystem,
-                         num_cpus=config.read_cpus, rows_per_batch=plan["batch_size"])
+        ds = read_shards(todo, target.input_size, crop_pct=config.crop_pct, with_mask=config.with_mask,
+                         filesystem=filesystem, num_cpus=config.read_cpus, rows_per_batch=plan["batch_size"])
         ds = ds.map_batches(
             AttributionWorker,
             compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
@@ -838,16 +885,24 @@ def _as_list(spec) -> list[str]:
 
 
 def format_summary(summary: dict) -> str:
+    evidence = any(m.get("pointing_game") is not None for m in summary["methods"].values())
+    header = f"  {'method':<10} {'deletion_auc':>12} {'insertion_auc':>13} {'images':>7} {'errors':>6}"
     lines = [
         f"done: {summary['images']} images ({summary['errors']} errored) in {summary['shards']} shards "
         f"({summary['shards_skipped']} skipped as already done); this run {summary['images_this_run']} images "
         f"in {summary['seconds']:.1f} s = {summary['images_per_s']:.2f} images/s",
-        f"  {'method':<10} {'deletion_auc':>12} {'insertion_auc':>13} {'images':>7} {'errors':>6}",
+        header + (f" {'pointing':>8} {'mask_auroc':>10}" if evidence else ""),
     ]
+
+    def fmt(value, width):
+        return f"{value:>{width}.4f}" if value is not None else f"{'-':>{width}}"
+
     for method, m in summary["methods"].items():
-        d = f"{m['deletion_auc']:.4f}" if m["deletion_auc"] is not None else "-"
-        i = f"{m['insertion_auc']:.4f}" if m["insertion_auc"] is not None else "-"
-        lines.append(f"  {method:<10} {d:>12} {i:>13} {m['images']:>7} {m['errors']:>6}")
+        line = (f"  {method:<10} {fmt(m['deletion_auc'], 12)} {fmt(m['insertion_auc'], 13)} "
+                f"{m['images']:>7} {m['errors']:>6}")
+        if evidence:
+            line += f" {fmt(m.get('pointing_game'), 8)} {fmt(m.get('mask_auroc'), 10)}"
+        lines.append(line)
     return "\n".join(lines)
 
 

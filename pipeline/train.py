@@ -536,11 +536,14 @@ def run(config: dict, verbose: bool = True) -> str:
 
     dcfg, rcfg = config["data"], config["run"]
     needed = rcfg["workers"] * rcfg["cpus_per_worker"] + dcfg["read_cpus"]
-    if not ray.is_initialized() and "RAY_ADDRESS" not in os.environ:
-        # A local Ray: declare enough logical CPUs for the workers plus a reader, or Ray Data
-        # waits forever for a CPU the trainers hold.
-        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)))
-    elif ray.cluster_resources().get("CPU", 0) < needed:
+    if not ray.is_initialized():
+        # A new local Ray declares enough logical CPUs for the workers plus a reader, or Ray Data
+        # waits forever for a CPU the trainers hold. Under `ray job submit` (RAY_ADDRESS) it joins.
+        try:
+            ray.init(**({} if "RAY_ADDRESS" in os.environ else {"num_cpus": max(os.cpu_count() or 1, math.ceil(needed))}))
+        except ValueError:  # found a running local cluster: num_cpus is not ours to set
+            ray.init()
+    if ray.cluster_resources().get("CPU", 0) < needed:
         print(f"warning: the cluster has {ray.cluster_resources().get('CPU', 0)} CPUs; workers and one reader "
               f"need {needed} (reading may stall unless it scales up)", flush=True)
     ds = read_shards(train_urls, dcfg["image_size"], dcfg["crop_pct"], num_cpus=dcfg["read_cpus"])

@@ -165,6 +165,32 @@ def test_bad_samples_become_error_rows(full_run):
     assert all(r["error"] is None for r in rows if r["key"] in ("good", "nolabel"))
 
 
+def test_evidence_masks_give_pointing_and_auroc(ray_local, assets, full_run, tmp_path):
+    """--masks: pointing_hit and mask_auroc per row, equal to l2r.metrics on the stored map and the mask."""
+    from l2r.metrics import mask_auroc, pointing_game
+
+    shards = [str(assets["root"] / "shards" / f"train-{i:04d}.tar") for i in (0, 3)]  # 0003 has no masks
+    summary = att.run_attribution(config(assets, tmp_path / "out", shards=shards, methods="l2r,gaussian",
+                                         with_mask=True), log=lambda line: None)
+    rows = att.read_results(str(tmp_path / "out")).to_pylist()
+    assert summary["methods"]["l2r"]["pointing_game"] is not None
+    masks = {r["key"]: r["mask"] for r in iter_shard(shards[0], SIZE, with_mask=True)}
+    good = [r for r in rows if r["error"] is None]
+    assert {r["key"] for r in good} == set(masks) and len(good) == 2 * len(masks)
+    assert all("missing mask" in r["error"] for r in rows if r["source"] == shards[1])
+    for r in good:
+        heatmap = torch.from_numpy(decode_heatmap(r["heatmap"]))[None]
+        mask = torch.from_numpy(masks[r["key"]])[None]
+        # The stored heatmap keeps the map's order, so its top pixel is the map's.
+        assert r["pointing_hit"] == bool(pointing_game(heatmap, mask)[0])
+        assert 0.0 <= r["mask_auroc"] <= 1.0
+        if r["method"] == "l2r":  # a float map without ties: the stored order gives the same AUROC
+            assert r["mask_auroc"] == pytest.approx(mask_auroc(heatmap, mask).item(), abs=1e-5)
+    # Without the option both columns are null.
+    plain = att.read_results(str(full_run[0])).to_pylist()
+    assert all(r["pointing_hit"] is None and r["mask_auroc"] is None for r in plain)
+
+
 def test_crash_and_rerun_gives_each_key_once(ray_local, assets, tmp_path):
     output = tmp_path / "out"
     cfg = config(assets, output, methods="l2r,random")

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from l2r.metrics import Protocol, auc, deletion_insertion
+from l2r.metrics import Protocol, auc, deletion_insertion, mask_auroc, pointing_game
 from l2r.perturbation import fractions, hard_deletion_masks, make_reference
+from l2r.ranking import hard_order
 from tests.helpers import LinearTwoClass
 
 
@@ -63,3 +64,50 @@ def test_protocol_validation_and_shape_errors():
     with pytest.raises(ValueError, match="maps"):
         deletion_insertion(LinearTwoClass(8), torch.rand(2, 3, 8, 8), torch.rand(2, 7, 7))
     assert Protocol().to_dict() == {"steps": 21, "reference": "black", "target": "prediction"}
+
+
+# ---------------------------------------------------------------- evidence masks
+
+
+def brute_force_auroc(scores, mask):
+    """P(mask pixel scores above a non-mask pixel) + half the ties, over every pair."""
+    pos, neg = scores[mask], scores[~mask]
+    wins = (pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()
+    return wins.mean().item()
+
+
+def test_mask_auroc_equals_the_pairwise_definition_with_ties():
+    torch.manual_seed(0)
+    maps = torch.randn(4, 1, 6, 7).round()  # many ties
+    masks = torch.rand(4, 6, 7) > 0.6
+    got = mask_auroc(maps, masks)
+    assert got.dtype == torch.float64 and got.shape == (4,)
+    for i in range(4):
+        assert got[i].item() == pytest.approx(brute_force_auroc(maps[i, 0], masks[i]), abs=1e-12)
+
+
+def test_mask_auroc_extremes_and_undefined_masks():
+    mask = torch.zeros(1, 4, 4, dtype=torch.bool)
+    mask[0, :2] = True
+    ramp = torch.arange(16.0).flip(0).view(1, 4, 4)  # the top rows score highest
+    assert mask_auroc(ramp, mask).item() == 1.0
+    assert mask_auroc(-ramp, mask).item() == 0.0
+    assert mask_auroc(torch.zeros(1, 4, 4), mask).item() == 0.5  # a constant map is chance
+    empty, full = torch.zeros(1, 4, 4, dtype=torch.bool), torch.ones(1, 4, 4, dtype=torch.bool)
+    assert torch.isnan(mask_auroc(ramp, empty)).all() and torch.isnan(mask_auroc(ramp, full)).all()
+    with pytest.raises(ValueError, match="masks"):
+        mask_auroc(ramp, torch.ones(1, 3, 3, dtype=torch.bool))
+
+
+def test_pointing_game_top_pixel_and_ties():
+    maps = torch.zeros(3, 4, 4)
+    maps[0, 1, 2] = 5.0  # inside
+    maps[1, 3, 3] = 5.0  # outside
+    # maps[2] is constant: the tie goes to the lower flat index (0, 0), as in hard_order.
+    masks = torch.zeros(3, 4, 4, dtype=torch.bool)
+    masks[:, 1, 2] = True
+    masks[2, 0, 0] = True
+    hits = pointing_game(maps[:, None], masks)
+    assert hits.dtype == torch.bool and hits.tolist() == [True, False, True]
+    assert hard_order(maps)[:, 0].tolist() == [6, 15, 0]
+    assert not pointing_game(maps, torch.zeros(3, 4, 4, dtype=torch.bool)).any()  # empty mask

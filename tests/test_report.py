@@ -1,0 +1,189 @@
+"""The comparison report: numbers equal a direct computation from the Parquet rows; the HTML renders."""
+
+import base64
+import io
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from l2r.classifier import build_target
+from l2r.explainer import build_explainer, save_explainer
+from pipeline import attribute as att
+from pipeline import report as rep
+from pipeline.data import iter_shard
+from pipeline.shards import make_shards
+
+SIZE = 16
+SPEC = "timm:test_resnet"
+KWARGS = {"num_classes": 10}
+METHODS = ["l2r", "gradcam", "random"]
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """A results folder as the job writes it (per-shard Parquet, markers, manifest), made without Ray.
+
+    Synthetic shards with evidence masks, a seeded tiny target, an untrained explainer.
+    """
+    root = tmp_path_factory.mktemp("report")
+    shards = make_shards(str(root / "shards"), synthetic=12, size=SIZE, max_count=6, progress=False)
+    torch.manual_seed(0)
+    target = build_target(SPEC, model_kwargs=KWARGS, input_size=(SIZE, SIZE))
+    torch.save(target.net.state_dict(), root / "target.pt")
+    explainer = build_explainer({"backbone": "target", "layers": ["layer1", "layer2"], "dim": 8, "head_dim": 8},
+                                target=target)
+    save_explainer(root / "explainer", explainer, {"note": "untrained, for tests"})
+    config = att.AttributeConfig(shards=shards, output=str(root / "out"), target=SPEC,
+                                 checkpoint=str(root / "target.pt"), model_kwargs=KWARGS, input_size=(SIZE, SIZE),
+                                 explainer=str(root / "explainer"), methods=METHODS, with_mask=True)
+    kwargs = att._target_kwargs(config)
+    attributor = att.Attributor({"device": "cpu", "threads": 1, "methods": METHODS, "method_options": {},
+                                 "protocol": config.protocol.to_dict(), "forward_batch": 128, "with_mask": True,
+                                 "target": kwargs, "explainer": config.explainer})
+    output = att.Output(config.output)
+    for url, name in att.output_names(shards).items():
+        rows = list(iter_shard(url, SIZE, with_mask=True))
+        batch = {k: np.array([r[k] for r in rows], dtype=object) for k in ("key", "source", "error")}
+        batch["image"] = np.stack([r["image"] for r in rows])
+        batch["mask"] = np.stack([r["mask"] for r in rows])
+        batch["label"] = np.array([r["label"] for r in rows])
+        writer = output.open_shard(name)
+        writer.write(attributor(batch))
+        writer.commit()
+        output.write_json(output.marker_path(name), {"source": url, "stats": {}})
+    identity = att._identity(config, build_target(**kwargs), att.explainer_identity(config.explainer))
+    output.write_json(f"{output.root}/{att.MANIFEST}", {"config": config.to_dict(), "identity": identity,
+                                                        "target": identity["target"],
+                                                        "protocol": config.protocol.to_dict()})
+    return root / "out"
+
+
+@pytest.fixture(scope="module")
+def report(results):
+    from jobs.report import main
+
+    return main(["--results", str(results), "--gallery", "4"])
+
+
+def frame(results) -> pd.DataFrame:
+    return att.read_results(str(results)).to_pandas()
+
+
+def test_summary_equals_direct_computation(results, report):
+    df = frame(results)
+    assert list(report["methods"]) == METHODS
+    for method in METHODS:
+        rows = df[df.method == method]
+        ok = rows[rows.error.isna()]
+        m = report["methods"][method]
+        assert m["n"] == len(ok) == 12 and m["errors"] == len(rows) - len(ok) == 0
+        assert m["deletion_auc"]["mean"] == pytest.approx(ok.deletion_auc.astype(float).mean(), abs=1e-9)
+        assert m["insertion_auc"]["mean"] == pytest.approx(ok.insertion_auc.astype(float).mean(), abs=1e-9)
+        diff = ok.insertion_auc.astype(float) - ok.deletion_auc.astype(float)
+        assert m["difference"]["mean"] == pytest.approx(diff.mean(), abs=1e-9)
+        for name in ("forward_passes", "backward_passes", "seconds", "eval_seconds"):
+            assert m["cost"][name] == pytest.approx(ok[name].astype(float).mean())
+        hits = ok.pointing_hit.dropna().astype(float)
+        assert m["pointing_game"]["n"] == len(hits) and m["pointing_game"]["mean"] == pytest.approx(hits.mean())
+        aurocs = ok.mask_auroc.dropna().astype(float)
+        assert m["mask_auroc"]["mean"] == pytest.approx(aurocs.mean())
+        for name in ("deletion_auc", "insertion_auc", "difference", "pointing_game", "mask_auroc"):
+            low, high = m[name]["ci"]
+            assert low <= m[name]["mean"] <= high
+    assert report["methods"]["gradcam"]["cost"]["forward_passes"] == 1.0
+    assert report["methods"]["random"]["cost"]["backward_passes"] == 0.0
+
+    # Per class (the explained class) and the mean curves.
+    for (target, method), group in df[df.error.isna()].groupby(["target", "method"]):
+        stat = report["per_class"][int(target)]["methods"][method]
+        assert stat["n"] == len(group)
+        assert stat["deletion_auc"] == pytest.approx(group.deletion_auc.astype(float).mean())
+        assert stat["insertion_auc"] == pytest.approx(group.insertion_auc.astype(float).mean())
+    curve = np.stack(df[df.method == "l2r"].deletion_curve.to_list()).mean(0)
+    np.testing.assert_allclose(report["curves"]["l2r"]["deletion"], curve, atol=1e-6)
+
+    # summary.json holds the same numbers; summary.md is the printed table.
+    saved = json.loads(Path(report["files"]["summary.json"]).read_text())
+    assert saved["methods"] == json.loads(json.dumps(report["methods"]))
+    assert Path(report["files"]["summary.md"]).read_text().strip() == report["markdown"]
+    assert report["markdown"].count("\n") == 1 + len(METHODS)
+
+
+def synthetic_table(n: int, seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    columns = {name: [None] * n for name in att.SCHEMA.names}
+    columns.update(key=[f"k{i:05d}" for i in range(n)], source=["s.tar"] * n, method=["m"] * n,
+                   target=[0] * n, deletion_auc=rng.beta(2, 5, n).tolist(), insertion_auc=rng.beta(5, 2, n).tolist(),
+                   forward_passes=[1] * n, backward_passes=[0] * n, seconds=[0.01] * n, eval_seconds=[0.02] * n)
+    return pa.table(columns, schema=att.SCHEMA)
+
+
+def test_bootstrap_intervals_contain_the_mean_and_shrink_with_more_rows():
+    widths = []
+    for n in (40, 640):
+        stats = rep.summarize(synthetic_table(n), resamples=500, seed=1)["m"]
+        width = 0.0
+        for name in ("deletion_auc", "insertion_auc", "difference"):
+            low, high = stats[name]["ci"]
+            assert low < stats[name]["mean"] < high
+            width += high - low
+        widths.append(width)
+        assert stats["pointing_game"] is None and stats["mask_auroc"] is None  # no masks: absent
+    assert widths[1] < widths[0] / 2.5  # 16x the rows: about a quarter of the width
+    first, again = (rep.summarize(synthetic_table(40), resamples=500, seed=1)["m"] for _ in range(2))
+    assert first["deletion_auc"]["ci"] == again["deletion_auc"]["ci"]  # seeded
+
+
+def test_html_is_self_contained_with_table_values_and_gallery(results, report):
+    page = Path(report["files"]["report.html"]).read_text()
+    assert "http://" not in page and "https://" not in page
+    assert not re.search(r"""(src|href)=["'](?!data:)""", page)  # every image is a data URI
+    for method, m in report["methods"].items():
+        for name in ("deletion_auc", "insertion_auc", "difference"):
+            assert rep.fmt(m[name]["mean"]) in page and rep.fmt(m[name]["ci"][0]) in page
+        assert rep.fmt(m["mask_auroc"]["mean"], 3) in page
+    entries = report["gallery"]["entries"]
+    assert len(entries) == 4 and report["gallery"]["by"] == "l2r"
+    # One image, one evidence mask and one overlay per method for every gallery entry.
+    assert page.count("<img ") == len(entries) * (2 + len(METHODS))
+    l2r = sorted(frame(results).query("method == 'l2r'").deletion_auc)
+    assert [e["deletion_auc"]["l2r"] for e in entries] == pytest.approx(l2r[:2] + l2r[-2:])
+    # The gallery image is the shard's image, preprocessed as the job did.
+    first = entries[0]
+    uri = re.search(r'<img src="data:image/png;base64,([^"]+)" alt="%s">' % first["key"], page).group(1)
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri))).convert("RGB"))
+    expected = next(r["image"] for r in iter_shard(first["source"], SIZE) if r["key"] == first["key"])
+    np.testing.assert_array_equal(shown, expected)
+
+
+def test_html_renders_in_a_headless_browser(report, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium): cannot render the page")
+    shot = tmp_path / "report.png"
+    command = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run",
+               f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,2000",
+               Path(report["files"]["report.html"]).resolve().as_uri()]
+    subprocess.run(command, check=True, capture_output=True, timeout=180)
+    assert shot.exists()
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
+    assert pixels.shape == (2000, 1200) and pixels.std() > 10  # not blank
+    assert (pixels < 128).mean() > 0.01  # text, lines and images drawn
+
+
+def test_report_config_validation(tmp_path):
+    with pytest.raises(ValueError):
+        rep.ReportConfig(results=str(tmp_path), resamples=0)
+    assert rep.ReportConfig(results="s3://b/run/").output == "s3://b/run/report"
+    att.Output(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="no finished shards"):
+        rep.write_report(rep.ReportConfig(results=str(tmp_path / "empty")), log=lambda line: None)
