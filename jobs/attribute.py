@@ -37,7 +37,8 @@ def build_parser():
     p.add_argument("--shards", required=True, nargs="+",
                    help="shard files, folders, globs or brace patterns; local or fsspec URLs")
     p.add_argument("--output", required=True, help="output folder or fsspec URL")
-    p.add_argument("--model", required=True, help="target spec: timm:NAME or package.module:callable")
+    p.add_argument("--model", help="target spec: timm:NAME or package.module:callable "
+                   "(default: the model the explainer was trained for, from its artifact)")
     p.add_argument("--checkpoint", help="target weights file")
     p.add_argument("--model-kwargs", default="{}", help="JSON kwargs for the model constructor")
     p.add_argument("--mean", help="normalisation mean, e.g. 0.485,0.456,0.406")

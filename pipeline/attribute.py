@@ -45,6 +45,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -102,7 +103,7 @@ class AttributeConfig:
 
     shards: str | list[str]
     output: str
-    target: str  # model spec: timm:NAME or package.module:callable
+    target: str | None = None  # model spec: timm:NAME or package.module:callable; None: the explainer's
     checkpoint: str | None = None
     model_kwargs: dict = field(default_factory=dict)
     mean: tuple[float, ...] | None = None
@@ -143,6 +144,10 @@ class AttributeConfig:
             raise ValueError(f"methods repeated: {self.methods}")
         if EXPLAINER_METHOD in self.methods and not self.explainer:
             raise ValueError("method 'l2r' needs an explainer artifact directory (explainer=...)")
+        if self.target is None:
+            if not self.explainer:
+                raise ValueError("give the target model (target=... / --model) or an explainer artifact that records it")
+            self._target_from_artifact()
         if self.refine_steps < 0:
             raise ValueError("refine_steps must be >= 0")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -151,6 +156,26 @@ class AttributeConfig:
         if extra:
             raise ValueError(f"method_options for methods not run: {sorted(extra)}")
         self.protocol  # validates steps/reference/target
+
+    def _target_from_artifact(self) -> None:
+        """Fill the target model from the explainer artifact's metadata (written by the training job)."""
+        path = Path(self.explainer) / "explainer.json"
+        if not path.exists():
+            raise FileNotFoundError(f"explainer artifact {self.explainer}: no explainer.json")
+        metadata = json.loads(path.read_text()).get("metadata", {})
+        recorded = metadata.get("target")
+        if not recorded or not recorded.get("spec"):
+            raise ValueError(f"explainer artifact {self.explainer} does not record its target model; pass --model")
+        for extra in metadata.get("import_paths", []):
+            if extra not in sys.path:  # where the user's model module was found at training time
+                sys.path.append(extra)
+        self.target = recorded["spec"]
+        self.checkpoint = recorded.get("checkpoint")
+        self.model_kwargs = dict(recorded.get("kwargs") or {})
+        self.mean = tuple(recorded["mean"]) if recorded.get("mean") else None
+        self.std = tuple(recorded["std"]) if recorded.get("std") else None
+        self.input_size = tuple(recorded["input_size"]) if recorded.get("input_size") else None
+        self.crop_pct = float(metadata.get("crop_pct", self.crop_pct))
 
     @property
     def protocol(self) -> Protocol:
