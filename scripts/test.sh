@@ -4,8 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${L2R_TEST_VENV:-.venv-test}
 python3 -m venv "$VENV"
-"$VENV/bin/pip" install -q --upgrade pip >/dev/null
-"$VENV/bin/pip" install -q -e ".[test]"
+# Known-good versions: without them pip's resolver can backtrack for many minutes over
+# the botocore / aiobotocore / s3fs / moto pins.
+"$VENV/bin/pip" install -q -c scripts/constraints.txt -e ".[test]"
 export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
 set +e
 "$VENV/bin/python" -m pytest -q "$@"

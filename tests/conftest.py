@@ -1,4 +1,5 @@
 """Shared test set-up: one torch thread (Ray actors share the 2 cores), shared data paths, local Ray."""
+import socket
 from pathlib import Path
 
 import pytest
@@ -19,3 +20,22 @@ def shared_cifar10():
     if not (CIFAR10 / "test-0000.tar").exists() or not RESNET20.exists():
         pytest.skip(f"shared CIFAR-10 shards or ResNet-20 not found under {SHARED} (fresh clone elsewhere)")
     return CIFAR10
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API (moto's server) on loopback: (s3fs filesystem, its storage options)."""
+    server_module = pytest.importorskip("moto.server")
+    s3fs = pytest.importorskip("s3fs")
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port())
+    server.start()
+    options = {"key": "testing", "secret": "testing",
+               "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{server._port}"}}
+    yield s3fs.S3FileSystem(**options), options
+    server.stop()

@@ -2,7 +2,6 @@
 
 import io
 import json
-import socket
 import tarfile
 from pathlib import Path
 
@@ -260,25 +259,12 @@ def test_output_names_disambiguate_clashes():
 # ---------------------------------------------------------------- S3 round trip (moto on loopback)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def s3_endpoint():
-    server_module = pytest.importorskip("moto.server")
-    s3fs = pytest.importorskip("s3fs")
-    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port())
-    server.start()
-    endpoint = f"http://127.0.0.1:{server._port}"
-    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint}}
-    fs = s3fs.S3FileSystem(**options)
+def s3_endpoint(s3_server):
+    fs, options = s3_server
     if not fs.exists("attr"):
         fs.mkdir("attr")
-    yield fs, options
-    server.stop()
+    return fs, options
 
 
 def test_s3_round_trip(ray_local, assets, s3_endpoint):

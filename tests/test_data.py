@@ -1,5 +1,4 @@
 import io
-import socket
 import tarfile
 from pathlib import Path
 
@@ -138,25 +137,12 @@ def test_masks_follow_images(ray_local, tmp_path):
     assert rows["b"]["error"].startswith("missing mask")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def s3():
-    """A real S3 API (moto) on loopback, with an s3fs filesystem pointing at it."""
-    server_module = pytest.importorskip("moto.server")
-    s3fs = pytest.importorskip("s3fs")
-    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port())
-    server.start()
-    endpoint = f"http://127.0.0.1:{server._port}"
-    fs = s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": endpoint})
-    if not fs.exists("shards"):  # moto keeps its state per process, across servers
+def s3(s3_server):
+    fs, _ = s3_server
+    if not fs.exists("shards"):
         fs.mkdir("shards")
-    yield fs
-    server.stop()
+    return fs
 
 
 def test_s3_urls(ray_local, s3, tmp_path):
