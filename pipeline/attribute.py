@@ -235,8 +235,9 @@ class Attributor:
             if self.refine_steps:
                 from l2r.refine import refine
 
+                # Verified against the same exact protocol the rows are scored with.
                 maps, extra = refine(self.target, images, maps, targets, steps=self.refine_steps,
-                                     reference=self.protocol.reference)
+                                     reference=self.protocol.reference, eval_steps=self.protocol.steps)
                 cost = {k: cost[k] + extra[k] for k in cost}
             return maps.detach(), cost
         from l2r.baselines import attribute

@@ -237,7 +237,9 @@ def test_attributor_with_refinement_without_ray(assets):
     table = att.Attributor(settings)(batch)
     assert table.schema == att.SCHEMA and table.num_rows == 2 * len(rows)
     good = [r for r in table.to_pylist() if r["error"] is None]
-    assert {r["method"]: r["forward_passes"] for r in good} == {"l2r": 1 + 2 * 2 * 16, "saliency": 1}
+    # Explainer pass + 2 steps x 2 directions x k 16, + the exact check of both maps (K=6).
+    refine_passes = 2 * 2 * 16 + 1 + 2 * (2 * (6 - 2) + 1)
+    assert {r["method"]: r["forward_passes"] for r in good} == {"l2r": 1 + refine_passes, "saliency": 1}
     assert all(len(r["insertion_curve"]) == 6 and 0 <= r["insertion_auc"] <= 1 for r in good)
 
 
