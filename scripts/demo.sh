@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 VENV=${L2R_VENV:-.venv}
 RUNS=${L2R_RUNS:-$PWD/runs}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-"$VENV/bin/pip" install -q -e ".[baselines]"
+"$VENV/bin/pip" install -q -c scripts/constraints.txt -e ".[baselines]"
 export RAY_USAGE_STATS_ENABLED=0
 
 "$VENV/bin/python" jobs/train.py --config jobs/configs/demo.yaml --storage "$RUNS"
