@@ -1,6 +1,32 @@
-"""Small models for tests: a two-class linear target and a tiny class-conditioned explainer."""
+"""Test helpers: small models (a two-class linear target, a tiny explainer) and tar shard writing."""
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn as nn
+from PIL import Image
+
+
+def png_bytes(seed: int, size=(10, 12)) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(arr).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_tar(path, samples, truncate_to=None):
+    """samples: list of (key, {suffix: bytes}); truncate_to cuts the file to that many bytes."""
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for suffix, payload in members.items():
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    if truncate_to is not None:
+        data = Path(path).read_bytes()
+        Path(path).write_bytes(data[:truncate_to])
 
 
 class LinearTwoClass(nn.Module):

@@ -1,15 +1,11 @@
 """The batch attribution job: schema, one row per (key, method), exact AUCs, errors, resume, S3."""
 
-import io
 import json
-import tarfile
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
 from l2r.classifier import build_target
 from l2r.explainer import build_explainer, save_explainer
@@ -18,6 +14,7 @@ from l2r.metrics import deletion_insertion
 from pipeline import attribute as att
 from pipeline.data import iter_shard
 from pipeline.shards import make_shards
+from tests.helpers import png_bytes, write_tar
 from tests.conftest_ray import ray_local  # noqa: F401  (session-scoped Ray fixture)
 
 SIZE = 16
@@ -26,34 +23,15 @@ KWARGS = {"num_classes": 10}
 METHODS = "l2r,gradcam,random"
 
 
-def png_bytes(seed: int) -> bytes:
-    arr = np.random.default_rng(seed).integers(0, 256, (20, 20, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(arr).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def write_tar(path, samples, truncate_to=None):
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for suffix, payload in members.items():
-                info = tarfile.TarInfo(f"{key}.{suffix}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
-    if truncate_to is not None:
-        data = Path(path).read_bytes()
-        Path(path).write_bytes(data[:truncate_to])
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """Three synthetic shards, one with bad samples, a seeded target checkpoint, an untrained explainer."""
     root = tmp_path_factory.mktemp("attribute")
     make_shards(str(root / "shards"), synthetic=18, size=SIZE, max_count=6, progress=False)
     bad = [
-        ("good", {"png": png_bytes(1), "cls": b"3"}),
+        ("good", {"png": png_bytes(1, (20, 20)), "cls": b"3"}),
         ("corrupt", {"png": b"\x89PNG garbage", "cls": b"1"}),
-        ("nolabel", {"png": png_bytes(2)}),
+        ("nolabel", {"png": png_bytes(2, (20, 20))}),
     ]
     write_tar(root / "shards" / "train-0003.tar", bad)
     torch.manual_seed(0)

@@ -1,5 +1,4 @@
 import io
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -7,26 +6,10 @@ import pytest
 from PIL import Image
 
 from pipeline import data
+from tests.helpers import png_bytes, write_tar
 from tests.conftest_ray import ray_local  # noqa: F401  (session-scoped Ray fixture)
 
 SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
-
-
-def png_bytes(seed: int, size=(10, 12)) -> bytes:
-    arr = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(arr).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def write_tar(path, samples):
-    """samples: list of (key, {suffix: bytes})."""
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for suffix, payload in members.items():
-                info = tarfile.TarInfo(f"{key}.{suffix}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
 
 
 def good_samples(prefix, n, start=0):
