@@ -95,7 +95,7 @@ def memory_benchmark(args) -> dict:
                             "--device", args.device, "--size", str(args.size), "--batch", str(args.batch),
                             "--k-train", str(args.k_train), "--chunk", str(args.chunk),
                             "--threads", str(args.threads)], check=True)
-            results[variant] = torch.load(out, weights_only=False)
+            results[variant] = torch.load(out, weights_only=True)
     full, chunked = results["full"], results["chunked"]
     diff = max(float((full["grads"][n] - chunked["grads"][n]).abs().max()) for n in full["grads"])
     scale = max(float(g.abs().max()) for g in full["grads"].values())

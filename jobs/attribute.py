@@ -51,7 +51,7 @@ def build_parser():
     p.add_argument("--refine-steps", type=int, default=0, help="test-time refinement steps for l2r (0: off)")
     p.add_argument("--steps", type=int, default=21, help="fractions K of the curves (ends included)")
     p.add_argument("--reference", default="black", choices=["black", "mean", "blur"])
-    p.add_argument("--target", default="prediction", choices=["prediction", "label"], help="class to explain")
+    p.add_argument("--target", default="prediction", choices=["prediction", "ground_truth"], help="class to explain")
     p.add_argument("--masks", action="store_true",
                    help="read each sample's mask.png (synthetic shards) and add pointing_hit and mask_auroc")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

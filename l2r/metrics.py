@@ -15,7 +15,8 @@ import torch
 from l2r.perturbation import REFERENCES, deletion_counts, fractions, make_reference
 from l2r.ranking import pixel_ranks
 
-TARGET_RULES = ("prediction", "label")
+# Names as in METHOD.md and l2r.objective: the top-1 prediction or the ground-truth label.
+TARGET_RULES = ("prediction", "ground_truth")
 
 
 @dataclass(frozen=True)

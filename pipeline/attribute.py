@@ -116,7 +116,7 @@ class AttributeConfig:
     refine_steps: int = 0  # test-time refinement of the l2r map (l2r.refine)
     steps: int = Protocol.steps
     reference: str = Protocol.reference
-    target_rule: str = Protocol.target  # prediction | label
+    target_rule: str = Protocol.target  # prediction | ground_truth
     with_mask: bool = False  # read mask.png of each sample; add pointing_hit and mask_auroc
     device: str = "auto"  # auto (GPU actors when the cluster has GPUs) | cpu | cuda
     actors: int | None = None  # default: one per GPU; on CPU one per CPU left after reads
@@ -159,23 +159,16 @@ class AttributeConfig:
 
     def _target_from_artifact(self) -> None:
         """Fill the target model from the explainer artifact's metadata (written by the training job)."""
-        path = Path(self.explainer) / "explainer.json"
-        if not path.exists():
-            raise FileNotFoundError(f"explainer artifact {self.explainer}: no explainer.json")
-        metadata = json.loads(path.read_text()).get("metadata", {})
-        recorded = metadata.get("target")
-        if not recorded or not recorded.get("spec"):
-            raise ValueError(f"explainer artifact {self.explainer} does not record its target model; pass --model")
-        for extra in metadata.get("import_paths", []):
-            if extra not in sys.path:  # where the user's model module was found at training time
-                sys.path.append(extra)
+        from pipeline.train import artifact_target
+
+        recorded = artifact_target(self.explainer)
         self.target = recorded["spec"]
         self.checkpoint = recorded.get("checkpoint")
         self.model_kwargs = dict(recorded.get("kwargs") or {})
         self.mean = tuple(recorded["mean"]) if recorded.get("mean") else None
         self.std = tuple(recorded["std"]) if recorded.get("std") else None
         self.input_size = tuple(recorded["input_size"]) if recorded.get("input_size") else None
-        self.crop_pct = float(metadata.get("crop_pct", self.crop_pct))
+        self.crop_pct = recorded["crop_pct"]
 
     @property
     def protocol(self) -> Protocol:
@@ -255,8 +248,8 @@ class Attributor:
         labels = np.asarray(batch["label"], dtype=np.int64)
         errors = [None if e is None else str(e) for e in batch["error"]]
         n = len(keys)
-        if self.protocol.target == "label":
-            errors = [e if e is not None or labels[i] >= 0 else "missing label: target rule 'label' needs a .cls member"
+        if self.protocol.target == "ground_truth":
+            errors = [e if e is not None or labels[i] >= 0 else "missing label: target rule 'ground_truth' needs a .cls member"
                       for i, e in enumerate(errors)]
         valid = np.array([e is None for e in errors], dtype=bool)
         idx = np.flatnonzero(valid)
@@ -272,7 +265,7 @@ class Attributor:
             images = to_tensor(batch["image"][idx]).to(self.device)
             clean = predict(self.target, images, self.forward_batch)
             pred_prob_t, pred_t = clean.max(dim=1)
-            if self.protocol.target == "label":
+            if self.protocol.target == "ground_truth":
                 targets = torch.as_tensor(labels[idx], device=self.device)
             else:
                 targets = pred_t

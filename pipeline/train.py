@@ -239,7 +239,7 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
         explainer.load_state_dict(state["explainer"])
         position = dict(state["position"])
     explainer = ray.train.torch.prepare_model(explainer)  # device + DDP when world > 1
@@ -371,13 +371,25 @@ def artifact_metadata(config: dict, target, step: int) -> dict:
     }
 
 
+def artifact_target(path: str) -> dict:
+    """The target model an artifact directory records (`artifact_metadata`'s "target", plus its
+    "crop_pct"); puts the recorded import paths on sys.path so a user's model module imports."""
+    document = Path(path) / "explainer.json"
+    if not document.exists():
+        raise FileNotFoundError(f"explainer artifact {path}: no explainer.json")
+    metadata = json.loads(document.read_text()).get("metadata", {})
+    recorded = metadata.get("target")
+    if not recorded or not recorded.get("spec"):
+        raise ValueError(f"explainer artifact {path} does not record its target model; give the model explicitly")
+    for extra in metadata.get("import_paths", []):
+        if extra not in sys.path:  # where the user's model module was found at training time
+            sys.path.append(extra)
+    return {**recorded, "crop_pct": float(metadata.get("crop_pct", 1.0))}
+
+
 def load_trained_explainer(path: str, device="cpu"):
     """(explainer, target, metadata) from an artifact directory alone: the target is rebuilt from its metadata."""
-    metadata = json.loads((Path(path) / "explainer.json").read_text())["metadata"]
-    for p in metadata.get("import_paths", []):
-        if p not in sys.path:
-            sys.path.append(p)
-    t = metadata["target"]
+    t = artifact_target(path)
     target = make_target(
         {"spec": t["spec"], "checkpoint": t["checkpoint"], "kwargs": t["kwargs"], "pretrained": t["pretrained"],
          "mean": t["mean"], "std": t["std"], "input_size": t["input_size"], "class_names": t["class_names"],

@@ -230,6 +230,29 @@ def test_config_validation(assets, tmp_path):
         config(assets, tmp_path, reference="white")
 
 
+def test_target_comes_from_the_artifact(assets, tmp_path):
+    # The untrained test artifact records no target: the job must say so, not guess.
+    with pytest.raises(ValueError, match="does not record its target"):
+        config(assets, tmp_path, target=None)
+    recorded = tmp_path / "artifact"
+    recorded.mkdir()
+    document = json.loads((assets["root"] / "explainer" / "explainer.json").read_text())
+    document["metadata"] = {"crop_pct": 0.875, "import_paths": [str(tmp_path / "models")], "target": {
+        "spec": SPEC, "checkpoint": assets["checkpoint"], "kwargs": KWARGS, "mean": [0.5] * 3, "std": [0.25] * 3,
+        "input_size": [SIZE, SIZE]}}
+    (recorded / "explainer.json").write_text(json.dumps(document))
+    cfg = config(assets, tmp_path, target=None, checkpoint=None, model_kwargs={}, input_size=None,
+                 explainer=str(recorded))
+    assert (cfg.target, cfg.checkpoint, cfg.model_kwargs) == (SPEC, assets["checkpoint"], KWARGS)
+    assert cfg.mean == (0.5, 0.5, 0.5) and cfg.input_size == (SIZE, SIZE) and cfg.crop_pct == 0.875
+    import sys
+
+    assert str(tmp_path / "models") in sys.path
+    sys.path.remove(str(tmp_path / "models"))
+    with pytest.raises(FileNotFoundError, match="explainer.json"):
+        config(assets, tmp_path, target=None, explainer=str(tmp_path / "nowhere"))
+
+
 def test_output_names_disambiguate_clashes():
     names = att.output_names(["/a/x-0.tar", "/b/x-0.tar", "s3://b/y.tar"])
     assert names["s3://b/y.tar"] == "y" and len(set(names.values())) == 3
@@ -255,7 +278,7 @@ def test_s3_round_trip(ray_local, assets, s3_endpoint):
         fs.put(str(assets["root"] / "shards" / f"train-{i:04d}.tar"), f"attr/shards/train-{i:04d}.tar")
     fs.invalidate_cache()
     args = job_args(assets, "s3://attr/out", shards="s3://attr/shards/*.tar", methods="l2r,random",
-                    extra=("--storage-options", json.dumps(options), "--target", "label"))
+                    extra=("--storage-options", json.dumps(options), "--target", "ground_truth"))
     summary = main(args)
     assert summary["shards_done"] == 2
     fs.invalidate_cache()
@@ -266,7 +289,7 @@ def test_s3_round_trip(ray_local, assets, s3_endpoint):
     assert {r["source"] for r in rows} == {"s3://attr/shards/train-0000.tar", "s3://attr/shards/train-0003.tar"}
     assert len(rows) == 2 * (6 + 3)
     good = [r for r in rows if r["error"] is None]
-    assert all(r["target"] == r["label"] for r in good)  # --target label
+    assert all(r["target"] == r["label"] for r in good)  # --target ground_truth
     nolabel = [r for r in rows if r["key"] == "nolabel"]
     assert nolabel and all(r["error"].startswith("missing label") for r in nolabel)
     again = main(args)  # a rerun finds everything done
