@@ -8,7 +8,8 @@ raw, unnormalised map. Three kinds of backbone share one small interface
   blocks 4, 11, 17, 23);
 - a timm CNN, read through `features_only`;
 - `target`: the frozen target model's own layers, through forward hooks, so that a user's
-  model needs no second backbone.
+  model needs no second backbone (convolutional stages, or a ViT's blocks, whose tokens are
+  put back on their patch grid).
 
 The decoder is a small DPT: per level a 1x1 projection, resampling to a pyramid (ViTs have a
 single scale), class conditioning, top-down fusion, upsampling to the input resolution,
@@ -80,12 +81,14 @@ class TargetLayersBackbone(nn.Module):
         with torch.no_grad():
             probe = torch.zeros(1, 3, *target.input_size, device=target.mean.device)
             self.channels = [f.shape[1] for f in self._capture(probe)]
+            # A ViT's blocks share one token grid: the decoder then builds a DPT pyramid from them.
+            self.single_scale = all(f.ndim == 3 for f in self._capture(probe, raw=True))
 
     @property
     def target(self) -> TargetModel:
         return self._target[0]
 
-    def _capture(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def _capture(self, images: torch.Tensor, raw: bool = False) -> list[torch.Tensor]:
         captured = {}
 
         def hook_for(name):
@@ -102,14 +105,32 @@ class TargetLayersBackbone(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
-        features = [captured[n] for n in self.layers]
-        for name, f in zip(self.layers, features):
-            if f.ndim != 4:
+        if raw:
+            return [captured[n] for n in self.layers]
+        features = []
+        for name in self.layers:
+            f = captured[name]
+            if f.ndim == 3:  # a transformer block's tokens (B, prefix + h*w, C) -> (B, C, h, w)
+                f = self._token_grid(f, name)
+            elif f.ndim != 4:
                 raise ValueError(
-                    f"target layer {name!r} outputs shape {tuple(f.shape)}, not (B,C,h,w); "
-                    "pick convolutional layers or use a timm backbone"
+                    f"target layer {name!r} outputs shape {tuple(f.shape)}, not (B,C,h,w) or (B,tokens,C); "
+                    "pick convolutional or transformer layers, or use a timm backbone"
                 )
+            features.append(f)
         return features
+
+    def _token_grid(self, tokens: torch.Tensor, name: str) -> torch.Tensor:
+        patch_embed = getattr(self.target.net, "patch_embed", None)
+        grid = getattr(patch_embed, "grid_size", None)
+        if grid is None:  # no timm patch embedding: assume a square grid after the prefix tokens
+            side = math.isqrt(tokens.shape[1])
+            grid = (side, side)
+        h, w = grid
+        prefix = tokens.shape[1] - h * w
+        if prefix < 0:
+            raise ValueError(f"target layer {name!r}: {tokens.shape[1]} tokens do not hold a {h}x{w} patch grid")
+        return tokens[:, prefix:].transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
 
     def forward(self, images):
         return self._capture(images), tuple(images.shape[-2:])

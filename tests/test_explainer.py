@@ -214,3 +214,29 @@ def test_small_configuration_trains_on_cpu(target):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_target_backbone_reads_a_vit_targets_blocks():
+    torch.manual_seed(0)
+    vit = build_target("timm:vit_tiny_patch16_224", input_size=(32, 32),
+                       model_kwargs={"img_size": 32, "patch_size": 4, "depth": 3, "num_classes": 10})
+    explainer = build_explainer({"backbone": "target", "layers": ["blocks.0", "blocks.2"], "dim": 16,
+                                 "head_dim": 8}, target=vit).train()
+    # Tokens (B, 1 + 8*8, C) go back on the 8x8 patch grid, and the decoder builds a pyramid from it.
+    assert explainer.backbone.single_scale and explainer.backbone.channels == [192, 192]
+    assert [type(r).__name__ for r in explainer.decoder.resample] == ["Identity", "Conv2d"]
+    images = torch.rand(2, 3, 32, 32)
+    maps = explainer(images, torch.tensor([3, 4]))
+    assert maps.shape == (2, 1, 32, 32) and torch.isfinite(maps).all()
+    (maps * torch.randn_like(maps)).sum().backward()
+    assert explainer.decoder.project[0].weight.grad.abs().sum() > 0
+    # The patch tokens land where their patches are: a change in one corner patch moves only that cell.
+    features = explainer.backbone(images)[0][0]
+    vit.net.blocks[0].attn.proj.weight.data.zero_()  # no mixing between tokens in block 0...
+    vit.net.blocks[0].attn.proj.bias.data.zero_()
+    changed = images.clone()
+    changed[:, :, :4, :4] = 0.0
+    before, after = explainer.backbone(images)[0][0], explainer.backbone(changed)[0][0]
+    moved = (before - after).abs().amax(dim=(0, 1))
+    assert moved[0, 0] > 0 and (moved.flatten()[1:] == 0).all()
+    assert features.shape == (2, 192, 8, 8)
