@@ -10,6 +10,12 @@ AUC per method with bootstrap intervals and the cost per image.
     python benchmarks/quality.py --images 500 --explainer ~/l2r_runs/cifar10/explainer
     python benchmarks/quality.py --images 200                    # baselines only
     python benchmarks/quality.py --images 200 --output runs/quality   # keep Parquet + report.html
+    python benchmarks/quality.py --target-info runs/vit_cifar10.safetensors.json \
+        --explainer ~/l2r_runs/cifar10-vit/explainer        # the ViT target (benchmarks/train_vit.py)
+
+The target is the shared ResNet-20 unless ``--target-info`` names the JSON that
+``benchmarks/train_vit.py`` writes beside its weights; with a ViT target the baselines are the
+ViT ones (vit_cam and attention rollout in place of Grad-CAM).
 
 Prints the Markdown table; the last line is JSON: ``{"deletion_auc": {method: mean},
 "insertion_auc": {method: mean}, "cost": {method: target passes per image}, ...}`` (cost =
@@ -33,16 +39,21 @@ from benchmarks.attribute import CHECKPOINT, MEAN, SIZE, SPEC, STD, subset_shard
 
 DEFAULT_SHARDS = ROOT.parent / "shared" / "data" / "cifar10" / "test-0000.tar"
 BASELINES = ("gradcam", "ig", "saliency", "rise", "random", "gaussian")
+VIT_BASELINES = ("vit_cam", "rollout", "ig", "saliency", "rise", "random", "gaussian")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=500, help="first N images of the shards")
     p.add_argument("--explainer", help="explainer artifact folder (omit: baselines only)")
-    p.add_argument("--methods", default=",".join(BASELINES), help="baselines to compare")
+    p.add_argument("--methods", help=f"baselines to compare (default: {','.join(BASELINES)}; "
+                   f"for a ViT: {','.join(VIT_BASELINES)})")
+    p.add_argument("--target-info", help="JSON of the target (spec, kwargs, mean, std, input_size), e.g. from "
+                   "benchmarks/train_vit.py; its weights are the same path without .json")
     p.add_argument("--shards", default=str(DEFAULT_SHARDS))
-    p.add_argument("--checkpoint", default=str(CHECKPOINT))
+    p.add_argument("--checkpoint", help="target weights (default: the shared ResNet-20, or --target-info's)")
     p.add_argument("--steps", type=int, default=21)
+    p.add_argument("--refine-steps", type=int, default=0, help="test-time refinement of the l2r maps (l2r.refine)")
     p.add_argument("--reference", default="black", choices=["black", "mean", "blur"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--actors", type=int)
@@ -56,7 +67,18 @@ def main(argv=None):
     from pipeline.attribute import EXPLAINER_METHOD, AttributeConfig, read_results, run_attribution
     from pipeline.report import ReportConfig, markdown_table, summarize, write_report
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    target = {"target": SPEC, "checkpoint": str(CHECKPOINT), "model_kwargs": {}, "mean": MEAN, "std": STD,
+              "input_size": (SIZE, SIZE)}
+    if args.target_info:
+        info = json.loads(Path(args.target_info).read_text())
+        target = {"target": info["spec"], "checkpoint": args.target_info.removesuffix(".json"),
+                  "model_kwargs": info.get("kwargs") or {}, "mean": tuple(info["mean"]), "std": tuple(info["std"]),
+                  "input_size": tuple(info["input_size"])}
+    if args.checkpoint:
+        target["checkpoint"] = args.checkpoint
+    is_vit = "vit" in target["target"]
+    methods = [m.strip() for m in (args.methods or ",".join(VIT_BASELINES if is_vit else BASELINES)).split(",")
+               if m.strip()]
     if args.explainer:
         methods = [EXPLAINER_METHOD, *methods]
     work = Path(args.output or tempfile.mkdtemp(prefix="l2r-bench-quality-"))
@@ -65,9 +87,8 @@ def main(argv=None):
     (shard_dir / "classes.json").write_text(json.dumps({str(i): n for i, n in enumerate(CIFAR10_CLASSES)}))
 
     config = AttributeConfig(
-        shards=shards, output=str(work / "results"), target=SPEC, checkpoint=args.checkpoint, mean=MEAN, std=STD,
-        input_size=(SIZE, SIZE), explainer=args.explainer, methods=methods, steps=args.steps,
-        reference=args.reference, device=args.device, actors=args.actors, batch_size=args.batch_size,
+        shards=shards, output=str(work / "results"), **target, explainer=args.explainer, methods=methods, steps=args.steps,
+        reference=args.reference, refine_steps=args.refine_steps, device=args.device, actors=args.actors, batch_size=args.batch_size,
         overwrite=True,
     )
     start = time.perf_counter()
@@ -79,7 +100,7 @@ def main(argv=None):
         stats = report["methods"]
     else:
         stats = summarize(read_results(config.output), resamples=args.resamples, methods=methods)
-    print(f"CIFAR-10 test, first {run['images']} images, ResNet-20 target, {args.steps} steps, "
+    print(f"CIFAR-10 test, first {run['images']} images, target {target['target']}, {args.steps} steps, "
           f"reference {args.reference}, target class = prediction; {seconds:.0f} s")
     print(markdown_table(stats))
     cost = {m: s["cost"]["forward_passes"] + s["cost"]["backward_passes"] for m, s in stats.items()
@@ -89,7 +110,7 @@ def main(argv=None):
         "insertion_auc": {m: s["insertion_auc"]["mean"] for m, s in stats.items()},
         "cost": cost,
         "images": run["images"], "errors": run["errors"], "seconds": seconds,
-        "explainer": args.explainer, "steps": args.steps, "reference": args.reference,
+        "explainer": args.explainer, "target": target["target"], "steps": args.steps, "reference": args.reference,
     }))
 
 
