@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.attribute import CHECKPOINT, MEAN, SIZE, SPEC, STD  # noqa: E402
@@ -56,8 +57,6 @@ def main(argv=None):
         rows.append(row["image"])
         if len(rows) == args.images:
             break
-    import numpy as np
-
     images = to_tensor(np.stack(rows))
     model = build_target(SPEC, CHECKPOINT, mean=MEAN, std=STD, input_size=(SIZE, SIZE)).eval()
     with torch.no_grad():

@@ -52,8 +52,10 @@ def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random 32 px crop of the 4 px zero-padded image and a random horizontal flip."""
     b = batch.shape[0]
     padded = F.pad(batch, (4, 4, 4, 4))
-    dy, dx = torch.randint(0, 9, (2, b), generator=generator).tolist()
-    crops = torch.stack([padded[i, :, y : y + 32, x : x + 32] for i, (y, x) in enumerate(zip(dy, dx))])
+    dy, dx = torch.randint(0, 9, (2, b), generator=generator)
+    rows = (dy[:, None] + torch.arange(32))[:, None, :, None]  # (B, 1, 32, 1)
+    cols = (dx[:, None] + torch.arange(32))[:, None, None, :]  # (B, 1, 1, 32)
+    crops = padded[torch.arange(b)[:, None, None, None], torch.arange(3)[None, :, None, None], rows, cols]
     flip = torch.rand(b, generator=generator) < 0.5
     crops[flip] = crops[flip].flip(-1)
     return crops

@@ -80,15 +80,17 @@ class TargetLayersBackbone(nn.Module):
                 raise ValueError(f"target model has no layer {name!r}; top-level layers: {names}") from None
         with torch.no_grad():
             probe = torch.zeros(1, 3, *target.input_size, device=target.mean.device)
-            self.channels = [f.shape[1] for f in self._capture(probe)]
-            # A ViT's blocks share one token grid: the decoder then builds a DPT pyramid from them.
-            self.single_scale = all(f.ndim == 3 for f in self._capture(probe, raw=True))
+            outputs = self._capture(probe)
+        # A ViT's blocks share one token grid: the decoder then builds a DPT pyramid from them.
+        self.single_scale = all(f.ndim == 3 for f in outputs)
+        self.channels = [f.shape[1] for f in self._as_grids(outputs)]
 
     @property
     def target(self) -> TargetModel:
         return self._target[0]
 
-    def _capture(self, images: torch.Tensor, raw: bool = False) -> list[torch.Tensor]:
+    def _capture(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The named layers' raw outputs, in the order of `layers`."""
         captured = {}
 
         def hook_for(name):
@@ -105,11 +107,11 @@ class TargetLayersBackbone(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
-        if raw:
-            return [captured[n] for n in self.layers]
+        return [captured[n] for n in self.layers]
+
+    def _as_grids(self, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
         features = []
-        for name in self.layers:
-            f = captured[name]
+        for name, f in zip(self.layers, outputs):
             if f.ndim == 3:  # a transformer block's tokens (B, prefix + h*w, C) -> (B, C, h, w)
                 f = self._token_grid(f, name)
             elif f.ndim != 4:
@@ -133,7 +135,7 @@ class TargetLayersBackbone(nn.Module):
         return tokens[:, prefix:].transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
 
     def forward(self, images):
-        return self._capture(images), tuple(images.shape[-2:])
+        return self._as_grids(self._capture(images)), tuple(images.shape[-2:])
 
 
 class TimmViTBackbone(nn.Module):

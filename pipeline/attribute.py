@@ -45,7 +45,6 @@ import hashlib
 import json
 import os
 import platform
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field

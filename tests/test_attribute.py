@@ -1,6 +1,7 @@
 """The batch attribution job: schema, one row per (key, method), exact AUCs, errors, resume, S3."""
 
 import json
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -245,8 +246,6 @@ def test_target_comes_from_the_artifact(assets, tmp_path):
                  explainer=str(recorded))
     assert (cfg.target, cfg.checkpoint, cfg.model_kwargs) == (SPEC, assets["checkpoint"], KWARGS)
     assert cfg.mean == (0.5, 0.5, 0.5) and cfg.input_size == (SIZE, SIZE) and cfg.crop_pct == 0.875
-    import sys
-
     assert str(tmp_path / "models") in sys.path
     sys.path.remove(str(tmp_path / "models"))
     with pytest.raises(FileNotFoundError, match="explainer.json"):
