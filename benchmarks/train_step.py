@@ -1,6 +1,6 @@
 """One training step: memory with and without chunking, and Ray Train's overhead per step.
 
-    python benchmarks/train_step.py                 # CPU: about two minutes
+    python benchmarks/train_step.py                 # CPU: about five minutes
     python benchmarks/train_step.py --device cuda   # memory from torch.cuda.max_memory_allocated
 
 1. Memory: the same step (same batch, same random draws via one seeded generator) with
@@ -8,17 +8,23 @@
    CPU the figure is the rise of the peak resident set (ru_maxrss) over the resident set just
    before the step; on CUDA it is max_memory_allocated over the memory allocated before it.
    The explainer's gradients of both runs are compared.
-2. Ray overhead, same run: `pipeline.train.run` (one Ray Train worker reading synthetic shards
-   through Ray Data, reporting every few steps) reports per window the loop time per step
-   (`step_time_s`: data wait, report, everything) and the time inside `train_step`
-   (`compute_s`). `ray_overhead` = median over windows after the first (start-up) one of
-   step_time_s / compute_s - 1. `ray_vs_plain` compares with the same loop as a plain
-   process (same models, batch, threads, and Ray's worker niceness 15) on in-memory batches,
-   run just before: on a machine shared with other work this A/B figure mostly measures the
-   load, which is why the in-run figure is the headline.
+2. Ray overhead, same run, in `--rounds` rounds (each: the plain loop, then Ray Train
+   materialized, then Ray Train streaming, back to back, so slow drifts in the machine's load
+   hit all three alike):
+   - the plain loop: the training loop as a plain process (same models, batch, threads, and
+     Ray's worker niceness 15) on in-memory batches;
+   - Ray Train with `data.materialize=true`: `pipeline.train.run`, one worker, the same shards
+     decoded into the object store before training, so the worker reads decoded batches as the
+     plain loop does. `ray_overhead` = the median over rounds of its step time / the plain
+     loop's - 1: what Ray Train adds to a step.
+   - Ray Train streaming (the default): Ray Data decodes while the worker trains, on the same
+     cores here (`ray_streaming_vs_plain`).
+   Step times are medians over report windows of `--report-every` steps, the first (start-up)
+   window left out. `ray_loop_overhead`: inside the Ray runs, loop time per step (data wait,
+   report, everything) / time inside `train_step` - 1.
 
 The last line is JSON: chunked_memory_ratio (target <= 0.5), grad_max_abs_diff (<= 1e-5),
-ray_overhead (fraction; target <= 0.1), ray_vs_plain, and the raw figures.
+ray_overhead (fraction; target <= 0.1), ray_streaming_vs_plain, ray_loop_overhead, and the raw figures.
 """
 
 from __future__ import annotations
@@ -115,18 +121,19 @@ def memory_benchmark(args) -> dict:
     }
 
 
-def overhead_config(args, storage: str) -> dict:
+def overhead_config(args, storage: str, name: str, materialize: bool = False) -> dict:
     from pipeline.config import load_config
 
     sets = [f"data.image_size={args.size}", f"target.input_size=[{args.size},{args.size}]",
             f"data.synthetic.size={args.size}", "data.synthetic.train=1024", "data.synthetic.val=16",
             "target.fit_steps=0", "target.kwargs={blocks_per_stage: 1, num_classes: 10}",
             f"objective.k_train={args.ray_k_train}", f"train.report_every={args.report_every}",
-            "train.checkpoint_every=0", "val.every=0", "val.images=8", f"run.cpus_per_worker={args.threads}"]
+            "train.checkpoint_every=0", "val.every=0", "val.images=8", f"run.cpus_per_worker={args.threads}",
+            f"data.materialize={str(materialize).lower()}"]
     cfg = load_config(ROOT / "jobs" / "configs" / "demo.yaml", sets,
-                      {"storage": storage, "name": "overhead", "steps": args.steps, "batch_size": args.ray_batch,
-                       "workers": 1})
-    cfg["run_dir"] = f"{storage}/overhead"
+                      {"storage": storage, "name": name,
+                       "steps": args.steps, "batch_size": args.ray_batch, "workers": 1})
+    cfg["run_dir"] = f"{storage}/{cfg['name']}"
     return cfg
 
 
@@ -140,7 +147,7 @@ def plain_child(args) -> None:
 
     os.nice(int(os.environ.get("RAY_worker_niceness", 15)))
     torch.set_num_threads(args.threads)
-    cfg = overhead_config(args, args.storage)
+    cfg = overhead_config(args, args.storage, "plain")
     train_spec, _ = prepare_synthetic(cfg)
     rows = [r for url in expand_urls(train_spec) for r in iter_shard(url, args.size)]
     images = to_tensor(np.stack([r["image"] for r in rows]))
@@ -157,29 +164,42 @@ def plain_child(args) -> None:
     Path(args.out).write_text(json.dumps(times))
 
 
+def steady_step_s(step_times: list[float], window: int) -> float:
+    """Median over windows of `window` steps of the mean step time, the first (start-up) window left out."""
+    windows = [statistics.fmean(step_times[i:i + window]) for i in range(0, len(step_times) - window + 1, window)]
+    return statistics.median(windows[1:])
+
+
 def overhead_benchmark(args) -> dict:
     from pipeline.train import run
 
     storage = tempfile.mkdtemp(prefix="l2r_bench_")
-    out = f"{storage}/plain.json"
-    subprocess.run([sys.executable, __file__, "--plain-child", "--out", out, "--storage", storage]
-                   + [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
-                      ("size", "threads", "steps", "ray_batch", "ray_k_train", "report_every")], check=True)
-    times = json.loads(Path(out).read_text())
-    plain = statistics.median(times[args.report_every:])
-
-    # Ray Train: the real pipeline on the same shards (one worker, same threads and niceness).
     os.chdir(ROOT)  # the target spec imports benchmarks.resnet20 from here
-    run(overhead_config(args, storage), verbose=False)
-    metrics = [json.loads(line) for line in Path(f"{storage}/overhead/metrics.jsonl").read_text().splitlines()]
-    steady = metrics[1:]  # the first window holds start-up
-    ray_step = statistics.median(m["step_time_s"] for m in steady)
-    in_run = statistics.median(m["step_time_s"] / m["compute_s"] - 1.0 for m in steady)
-    print(f"ray overhead: plain loop {plain:.3f} s/step; Ray Train {ray_step:.3f} s/step, of which "
-          f"train_step {statistics.median(m['compute_s'] for m in steady):.3f} s "
-          f"(windows: {[(round(m['step_time_s'], 3), round(m['compute_s'], 3)) for m in metrics]})")
-    return {"ray_overhead": in_run, "ray_vs_plain": ray_step / plain - 1.0, "plain_step_s": plain,
-            "ray_step_s": ray_step, "ray_batch": args.ray_batch, "ray_k_train": args.ray_k_train}
+    rounds = []
+    for r in range(args.rounds):
+        out = f"{storage}/plain{r}.json"
+        subprocess.run([sys.executable, __file__, "--plain-child", "--out", out, "--storage", storage]
+                       + [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
+                          ("size", "threads", "steps", "ray_batch", "ray_k_train", "report_every")], check=True)
+        figures = {"plain": steady_step_s(json.loads(Path(out).read_text()), args.report_every)}
+        # Ray Train: the real pipeline on the same shards (one worker, same threads and niceness).
+        for variant in ("materialized", "streaming"):
+            cfg = overhead_config(args, storage, f"{variant}{r}", materialize=variant == "materialized")
+            run(cfg, verbose=False)
+            metrics = [json.loads(line) for line in Path(f"{cfg['run_dir']}/metrics.jsonl").read_text().splitlines()]
+            steady = metrics[1:]  # the first window holds start-up
+            figures[variant] = statistics.median(m["step_time_s"] for m in steady)
+            figures[f"{variant}_loop"] = statistics.median(m["step_time_s"] / m["compute_s"] - 1.0 for m in steady)
+        print(f"round {r}: plain loop {figures['plain']:.3f} s/step; Ray Train materialized {figures['materialized']:.3f}"
+              f", streaming {figures['streaming']:.3f} s/step", flush=True)
+        rounds.append(figures)
+
+    def ratio(variant):
+        return statistics.median(f[variant] / f["plain"] - 1.0 for f in rounds)
+
+    return {"ray_overhead": ratio("materialized"), "ray_streaming_vs_plain": ratio("streaming"),
+            "ray_loop_overhead": statistics.median(f[k] for f in rounds for k in ("materialized_loop", "streaming_loop")),
+            "rounds": rounds, "ray_batch": args.ray_batch, "ray_k_train": args.ray_k_train}
 
 
 def main():
@@ -194,6 +214,7 @@ def main():
     parser.add_argument("--ray-batch", type=int, default=8, help="images per step (overhead benchmark)")
     parser.add_argument("--ray-k-train", type=int, default=8)
     parser.add_argument("--report-every", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="overhead benchmark: plain/Ray rounds")
     parser.add_argument("--skip-ray", action="store_true")
     parser.add_argument("--memory-child", choices=["full", "chunked"], dest="variant")
     parser.add_argument("--plain-child", action="store_true")

@@ -31,6 +31,9 @@ DEFAULTS: dict = {
         "crop_pct": 1.0,
         "read_cpus": 0.5,  # CPUs per Ray Data read task (a fraction leaves room for the trainers)
         "shuffle_buffer": 0,  # rows; 0: stream order
+        # Decode the whole training set into Ray's object store once, before training: for data that
+        # fits in memory, later epochs skip decoding and no reader competes with the trainers for CPUs.
+        "materialize": False,
     },
     "target": {
         "spec": None,  # timm:NAME or package.module:callable

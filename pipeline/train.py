@@ -560,6 +560,10 @@ def run(config: dict, verbose: bool = True) -> str:
               f"need {needed} (reading may stall unless it scales up)", flush=True)
     ds = read_shards(train_urls, dcfg["image_size"], dcfg["crop_pct"], num_cpus=dcfg["read_cpus"])
     ds = ds.map_batches(to_training_columns, batch_format="numpy", num_cpus=dcfg["read_cpus"])
+    if dcfg["materialize"]:
+        ds = ds.materialize()
+        if verbose:
+            print(f"training data materialized: {ds.count()} rows in the object store", flush=True)
 
     scaling = ray.train.ScalingConfig(
         num_workers=rcfg["workers"],

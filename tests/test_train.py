@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from pipeline import config as C
-from pipeline.data import expand_urls
+from pipeline.data import expand_urls, iter_shard
 from pipeline import train as T
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,11 +185,14 @@ def test_worker_failure_resumes_from_checkpoint_with_continuous_steps(failing_ru
 
 
 @pytest.mark.slow
-def test_rerun_with_same_name_resumes_where_it_stopped(failing_run):
+def test_rerun_with_same_name_resumes_where_it_stopped(failing_run, capsys):
     cfg = failing_run["cfg"]
+    # The rerun also reads its data materialized (decoded once into the object store): same order, same skip.
     cfg = {**cfg, "train": {**cfg["train"], "steps": 28}, "run": {**cfg["run"], "workers": 1},
-           "debug": {**cfg["debug"], "fail_at_step": None}}
-    T.run(cfg, verbose=False)
+           "debug": {**cfg["debug"], "fail_at_step": None}, "data": {**cfg["data"], "materialize": True}}
+    T.run(cfg, verbose=True)
+    rows = sum(1 for url in expand_urls(cfg["data"]["train"]) for _ in iter_shard(url, cfg["data"]["image_size"]))
+    assert f"training data materialized: {rows} rows" in capsys.readouterr().out
     run_dir = failing_run["run_dir"]
     steps = [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")]
     assert steps[-1] == 28 and steps[-2] == 24  # no step repeated: continued from the step-24 checkpoint
