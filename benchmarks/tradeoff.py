@@ -8,7 +8,10 @@ deletion and insertion move when a smooth map (Grad-CAM) is made more scattered:
 1. Grad-CAM, ranks only;
 2. Grad-CAM plus random noise inside its top fraction q of pixels (scattered where the deletion
    curve starts, coherent elsewhere), for several q and noise strengths;
-3. the map optimised per image against the soft objective at pixel resolution (test-time
+3. scatter first: the top fraction q of pixels ordered at random, or by saliency (|gradient|) or
+   gradient x input, then Grad-CAM's order for the rest (deletion starts with an attack,
+   insertion keeps Grad-CAM's evidence after the first q);
+4. the map optimised per image against the soft objective at pixel resolution (test-time
    refinement, `l2r.refine`, grid 32 = one cell per pixel, no verification): what the training
    objective itself pulls a map towards when nothing else constrains it.
 
@@ -77,6 +80,15 @@ def main(argv=None):
     for q in (0.2, 0.5):
         for strength in (0.2, 1.0):
             score(f"gradcam + noise {strength} in its top {q:.0%}", ranks + strength * noise * (ranks >= 1 - q))
+    pixels = images.clone().requires_grad_(True)
+    prob = model(pixels).gather(1, targets[:, None]).sum()
+    grad, = torch.autograd.grad(prob, pixels)
+    first_orders = {"random": rank_uniform(noise), "saliency": rank_uniform(grad.abs().sum(1)),
+                    "grad x input": rank_uniform((grad * images).sum(1))}
+    for q in (0.02, 0.05, 0.2):
+        for name, order in first_orders.items():
+            first = (order >= 1 - q).float()  # its top q: ranked above every Grad-CAM pixel, in its own order
+            score(f"{name} first {q:.0%}, then gradcam", ranks + 2 * first * (1 + order))
     start = time.perf_counter()
     refined, cost = refine(model, images, gradcam, targets, steps=args.refine_steps, grid=SIZE, verify=False)
     seconds = time.perf_counter() - start
