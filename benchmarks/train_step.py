@@ -173,8 +173,12 @@ def steady_step_s(step_times: list[float], window: int) -> float:
 def overhead_benchmark(args) -> dict:
     from pipeline.train import run
 
+    from pipeline.train import prepare_synthetic
+
     storage = tempfile.mkdtemp(prefix="l2r_bench_")
     os.chdir(ROOT)  # the target spec imports benchmarks.resnet20 from here
+    # One set of synthetic shards (the plain loop's) for every run, written once.
+    shards = prepare_synthetic(overhead_config(args, storage, "plain"))
     rounds = []
     for r in range(args.rounds):
         out = f"{storage}/plain{r}.json"
@@ -185,6 +189,7 @@ def overhead_benchmark(args) -> dict:
         # Ray Train: the real pipeline on the same shards (one worker, same threads and niceness).
         for variant in ("materialized", "streaming"):
             cfg = overhead_config(args, storage, f"{variant}{r}", materialize=variant == "materialized")
+            cfg["data"]["train"], cfg["data"]["val"] = shards
             run(cfg, verbose=False)
             metrics = [json.loads(line) for line in Path(f"{cfg['run_dir']}/metrics.jsonl").read_text().splitlines()]
             steady = metrics[1:]  # the first window holds start-up
