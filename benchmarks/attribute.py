@@ -173,6 +173,8 @@ def main(argv=None):
     p.add_argument("--actor-cpus", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--forward-batch", type=int, default=None)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="the job's precision; the bound stays fp32 eager forwards")
     p.add_argument("--steps", type=int, default=21)
     p.add_argument("--explainer-dim", type=int, default=32)
     p.add_argument("--naive-images", type=int, default=None, help="default: 30 on CPU, 100 on GPU")
@@ -211,7 +213,8 @@ def main(argv=None):
         shards=shards, output=str(work / "out"), target=SPEC, checkpoint=args.checkpoint, mean=MEAN, std=STD,
         input_size=(SIZE, SIZE), explainer=str(work / "explainer"), methods=("l2r",), steps=args.steps,
         device=args.device, actors=args.actors, actor_cpus=args.actor_cpus, threads=threads,
-        batch_size=batch_size, forward_batch=forward_batch, overwrite=True, progress_interval=60,
+        batch_size=batch_size, forward_batch=forward_batch, precision=args.precision, overwrite=True,
+        progress_interval=60,
     )
     cpu_before = tree_cpu_seconds()
     start = time.perf_counter()
@@ -253,6 +256,7 @@ def main(argv=None):
         "batch_size": batch_size,
         "forward_batch": forward_batch,
         "steps": args.steps,
+        "precision": args.precision,
         "explainer_dim": args.explainer_dim,
         "cpus": cpus,
     }

@@ -1,42 +1,60 @@
 #!/usr/bin/env bash
-# GPU check of the attribution job, in one go (about 3-5 minutes on one H100):
-#   1. the job with a GPU actor on CIFAR-10 test shards (ResNet-20 target, untrained explainer,
-#      methods l2r,gradcam,saliency,random), then a rerun that must skip every shard;
-#   2. benchmarks/attribute.py --device cuda (images/s, fraction of the forward bound, speedup).
-# Installs nothing beyond `pip install -e .` when the project is not importable.
-# Data: $SHARED (default ../shared) data/cifar10 + models/resnet20-12fca82f.th; where they are
-# missing, synthetic 32x32 shards and a randomly initialised ResNet-20 stand in (throughput
-# does not depend on the weights). Results go to $OUT (default: a temporary folder).
+# GPU check, in one go (about 4-6 minutes on one H100/H200):
+#   1. the attribution job with a GPU actor (ResNet-20 target, untrained explainer, methods
+#      l2r,gradcam,saliency,random) in fp32, a rerun that must skip every shard, then the same
+#      job in bf16: AUCs compared per image against fp32;
+#   2. benchmarks/attribute.py --device cuda, fp32 and bf16 (images/s, fraction of the fp32
+#      eager forward bound, speedup over a per-image loop);
+#   3. the training job, config `cifar10` unmodified but for data paths, on one GPU for
+#      $TRAIN_STEPS steps (s/step, images/s, exact held-out AUCs).
+# Each stage has its own time limit; a failed stage is reported and the next one still runs.
+#
+# Python packages: where `ray` is not importable, wheels in .whl/ (see benchmarks/RESULTS.md,
+# "GPU check") are installed into /tmp/site first; else `pip install -e .[baselines]`.
+# Data: $DATA (default ../shared/data/cifar10) with test-0000.tar and train-0000.tar, and
+# $CKPT (default ../shared/models/resnet20-12fca82f.th). Results and logs go to $OUT.
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
-SHARED=${SHARED:-../shared}
-OUT=${OUT:-$(mktemp -d)}
-IMAGES=${IMAGES:-10000}
-mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled
+PY=${PYTHON:-python3}
+DATA=${DATA:-../shared/data/cifar10}
+CKPT=${CKPT:-../shared/models/resnet20-12fca82f.th}
+OUT=${OUT:-$(mktemp -d)}      # logs (8 files at most: what a device run brings back)
+WORK=${WORK:-$(mktemp -d)}    # artifacts, Parquet, checkpoints
+IMAGES=${IMAGES:-2500}
+TRAIN_STEPS=${TRAIN_STEPS:-300}
+mkdir -p "$OUT" "$WORK"
+DATA=$(cd "$DATA" && pwd); CKPT=$(realpath "$CKPT")
 
-if ! $PY -c "import l2r, pipeline.attribute, ray, timm, captum, pytorch_grad_cam" 2>/dev/null; then
-  $PY -m pip install -q -e ".[baselines]"
+if ! $PY -c "import ray" 2>/dev/null; then
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+  else
+    $PY -m pip install -q -e ".[baselines]" || exit 1
+  fi
 fi
-$PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('device:', torch.cuda.get_device_name(0))"
-nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
+export PYTHONPATH=${PYTHONPATH:-$PWD}
+$PY -c "import torch, ray, timm; assert torch.cuda.is_available(), 'no CUDA device'; print('device:', torch.cuda.get_device_name(0), 'torch', torch.__version__, 'ray', ray.__version__, 'timm', timm.__version__)" || exit 1
+nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.max.sm --format=csv,noheader || true
 
-SHARDS="$SHARED/data/cifar10/test-{0000..0001}.tar"
-CKPT="$SHARED/models/resnet20-12fca82f.th"
-if [ ! -f "$SHARED/data/cifar10/test-0000.tar" ] || [ ! -f "$CKPT" ]; then
-  echo "shared CIFAR-10 data not found under $SHARED: using synthetic shards and a random ResNet-20"
-  $PY jobs/make_shards.py --synthetic "$IMAGES" --size 32 --output "$OUT/shards" --prefix test --max-count 5000 --no-progress
-  SHARDS="$OUT/shards/test-*.tar"
-  CKPT="$OUT/resnet20-random.th"
-  $PY -c "import torch; from benchmarks.resnet20 import resnet20; torch.manual_seed(0); torch.save(resnet20().state_dict(), '$CKPT')"
-fi
+stage() {  # stage NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.log, report the outcome
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s)"
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 6 "$OUT/$name.log"
+  echo "== $name: rc=$rc in $((SECONDS - t0)) s"
+  return $rc
+}
 
 # An untrained explainer on the target's layers (throughput does not depend on training).
-$PY - "$CKPT" "$OUT/explainer" <<'EOF'
+$PY - "$CKPT" "$WORK/explainer" <<'EOF' || exit 1
 import sys
-from benchmarks.resnet20 import CIFAR10_MEAN, CIFAR10_STD, resnet20  # noqa: F401
+from benchmarks.resnet20 import CIFAR10_MEAN, CIFAR10_STD
 from l2r.classifier import build_target
 from l2r.explainer import build_explainer, save_explainer
 target = build_target("benchmarks.resnet20:resnet20", checkpoint=sys.argv[1], mean=CIFAR10_MEAN, std=CIFAR10_STD, input_size=(32, 32))
@@ -44,16 +62,37 @@ explainer = build_explainer({"backbone": "target", "layers": ["layer1", "layer2"
 save_explainer(sys.argv[2], explainer, {"note": "untrained, gpu_check"})
 EOF
 
-JOB=(jobs/attribute.py --shards "$SHARDS" --output "$OUT/attr" --model benchmarks.resnet20:resnet20
+JOB=(jobs/attribute.py --shards "$DATA/test-0000.tar" --model benchmarks.resnet20:resnet20
      --checkpoint "$CKPT" --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --input-size 32
-     --explainer "$OUT/explainer" --methods l2r,gradcam,saliency,random --device cuda --progress-interval 15)
-echo "== job (GPU actor)"
-time $PY "${JOB[@]}" | tee "$OUT/job.log"
-echo "== rerun (must skip every shard)"
-$PY "${JOB[@]}" | tail -n 1 | tee "$OUT/rerun.json"
-$PY -c "import json,sys; s=json.load(open('$OUT/rerun.json')); assert s['shards_done']==0 and s['shards_skipped']==s['shards'], s; print('rerun skipped all', s['shards'], 'shards')"
+     --explainer "$WORK/explainer" --methods l2r,gradcam,saliency,random --device cuda --progress-interval 15)
+stage job_fp32 80 $PY "${JOB[@]}" --output "$WORK/attr_fp32"
+stage job_rerun 40 $PY "${JOB[@]}" --output "$WORK/attr_fp32"
+$PY -c "import json; s=json.loads(open('$OUT/job_rerun.log').read().strip().splitlines()[-1]); assert s['shards_done']==0 and s['shards_skipped']==s['shards'], s; print('rerun skipped all', s['shards'], 'shards')"
+stage job_bf16 80 $PY "${JOB[@]}" --output "$WORK/attr_bf16" --precision bf16
+$PY - "$WORK" <<'EOF' | tee "$OUT/bf16_vs_fp32.json"
+import json, sys
+import pandas as pd
+out = sys.argv[1]
+a, b = (pd.read_parquet(f"{out}/attr_{p}/parquet") for p in ("fp32", "bf16"))
+m = a.merge(b, on=["key", "method"], suffixes=("_fp32", "_bf16"))
+res = {"rows": len(m)}
+for method, g in m.groupby("method"):
+    d = (g.deletion_auc_bf16 - g.deletion_auc_fp32).abs()
+    i = (g.insertion_auc_bf16 - g.insertion_auc_fp32).abs()
+    res[method] = {"deletion_max_abs_diff": round(float(d.max()), 5), "insertion_max_abs_diff": round(float(i.max()), 5),
+                   "deletion_mean_abs_diff": round(float(d.mean()), 6), "insertion_mean_abs_diff": round(float(i.mean()), 6),
+                   "mean_auc_fp32": [round(float(g.deletion_auc_fp32.mean()), 4), round(float(g.insertion_auc_fp32.mean()), 4)],
+                   "mean_auc_bf16": [round(float(g.deletion_auc_bf16.mean()), 4), round(float(g.insertion_auc_bf16.mean()), 4)]}
+print(json.dumps(res))
+EOF
 
-echo "== benchmark"
-$PY benchmarks/attribute.py --device cuda --shards "$SHARDS" --checkpoint "$CKPT" --images "$IMAGES" \
-    --shard-size 2500 --workdir "$OUT/bench" | tee "$OUT/bench.log" | tail -n 12
-echo "results in $OUT"
+for p in fp32 bf16; do
+  stage bench_$p 90 $PY benchmarks/attribute.py --device cuda --shards "$DATA/test-0000.tar" --checkpoint "$CKPT" \
+      --images "$IMAGES" --shard-size 1250 --precision $p --workdir "$WORK/bench_$p"
+done
+
+stage train 180 $PY jobs/train.py --config jobs/configs/cifar10.yaml --gpus --steps "$TRAIN_STEPS" \
+    --set data.train="$DATA/train-0000.tar" --set data.val="$DATA/test-0000.tar" --set target.checkpoint="$CKPT" \
+    --storage "$WORK/runs" --name gpu_check
+cp "$WORK/runs/gpu_check/metrics.jsonl" "$OUT/" 2>/dev/null && tail -n 2 "$OUT/metrics.jsonl"
+echo "logs in $OUT, results in $WORK"

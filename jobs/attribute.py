@@ -61,6 +61,8 @@ def build_parser():
     p.add_argument("--threads", type=int, help="torch threads per actor")
     p.add_argument("--batch-size", type=int, help="images per actor call (default 64 CPU / 256 GPU)")
     p.add_argument("--forward-batch", type=int, help="perturbed images per target forward (128 CPU / 1024 GPU)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: autocast the model passes (GPU fast path); recorded in the manifest")
     p.add_argument("--read-cpus", type=float, default=0.25, help="CPUs per shard read task")
     p.add_argument("--storage-options", help="JSON options for the fsspec filesystem of URL inputs/outputs")
     p.add_argument("--overwrite", action="store_true", help="discard earlier results in --output and start over")
@@ -97,6 +99,7 @@ def main(argv=None):
         threads=args.threads,
         batch_size=args.batch_size,
         forward_batch=args.forward_batch,
+        precision=args.precision,
         read_cpus=args.read_cpus,
         storage_options=json.loads(args.storage_options) if args.storage_options else None,
         overwrite=args.overwrite,

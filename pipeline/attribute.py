@@ -61,6 +61,9 @@ PARQUET_DIR = "parquet"
 DONE_DIR = "done"
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+# bf16 autocasts the passes (softmax stays float32, l2r.classifier); the curves themselves are
+# accumulated in float32 either way.
+PRECISIONS = ("fp32", "bf16")
 
 SCHEMA = pa.schema(
     [
@@ -124,6 +127,7 @@ class AttributeConfig:
     threads: int | None = None  # torch threads per actor (default from actor_cpus)
     batch_size: int | None = None  # images per actor call (default 64 CPU / 256 GPU)
     forward_batch: int | None = None  # perturbed images per target forward (128 CPU / 1024 GPU)
+    precision: str = "fp32"  # fp32 | bf16 (autocast of every target/explainer pass; recorded in the protocol)
     read_cpus: float = 0.25
     storage_options: dict | None = None  # fsspec options for URL inputs/outputs
     overwrite: bool = False
@@ -151,6 +155,8 @@ class AttributeConfig:
             raise ValueError("refine_steps must be >= 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         extra = set(self.method_options) - set(self.methods)
         if extra:
             raise ValueError(f"method_options for methods not run: {sorted(extra)}")
@@ -197,8 +203,12 @@ class Attributor:
         self.refine_steps = int(settings.get("refine_steps") or 0)
         self.protocol = Protocol(**settings["protocol"])
         self.forward_batch = int(settings["forward_batch"])
+        self.precision = settings.get("precision") or "fp32"
         self.with_mask = bool(settings.get("with_mask"))
         self.target = build_target(**settings["target"]).to(self.device)
+        if self.device.type == "cuda":
+            # cuDNN's fastest convolutions want NHWC; inputs are converted on the fly.
+            self.target.to(memory_format=torch.channels_last)
         self.explainer = None
         self.explainer_forwards = 0
         if EXPLAINER_METHOD in self.methods:
@@ -234,9 +244,21 @@ class Attributor:
             return maps.detach(), cost
         from l2r.baselines import attribute
 
-        return attribute(method, self.target, images, targets, **self.method_options.get(method, {}))
+        # Baselines make their maps in float32 whatever the precision: Captum and pytorch-grad-cam
+        # hand activations and gradients to numpy, which has no bfloat16.
+        with torch.autocast(self.device.type, enabled=False):
+            return attribute(method, self.target, images, targets, **self.method_options.get(method, {}))
+
+    def _autocast(self):
+        import torch
+
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     def __call__(self, batch: dict) -> pa.Table:
+        with self._autocast():
+            return self._rows(batch)
+
+    def _rows(self, batch: dict) -> pa.Table:
         import torch
 
         from l2r.images import encode_heatmap, to_tensor
@@ -706,6 +728,7 @@ def _identity(config: AttributeConfig, target, explainer: dict | None) -> dict:
         "explainer_weights_sha256": explainer["weights_sha256"] if explainer else None,
         # Only when set, so outputs written before the option existed still resume.
         **({"with_mask": True} if config.with_mask else {}),
+        **({"precision": config.precision} if config.precision != "fp32" else {}),
     }
 
 
@@ -783,7 +806,7 @@ def run_attribution(config: AttributeConfig, filesystem=None, output_filesystem=
         "identity": identity,
         "target": identity["target"],
         "explainer": explainer,
-        "protocol": config.protocol.to_dict(),
+        "protocol": {**config.protocol.to_dict(), "precision": config.precision},
         "plan": plan,
         "versions": package_versions(),
         "layout": {"parquet": f"{PARQUET_DIR}/<shard>.parquet", "markers": f"{DONE_DIR}/<shard>.json"},
@@ -805,6 +828,7 @@ def run_attribution(config: AttributeConfig, filesystem=None, output_filesystem=
             "with_mask": config.with_mask,
             "protocol": config.protocol.to_dict(),
             "forward_batch": plan["forward_batch"],
+            "precision": config.precision,
             "target": _target_kwargs(config),
             "explainer": str(Path(config.explainer).resolve()) if explainer else None,
         }
