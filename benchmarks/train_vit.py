@@ -93,7 +93,7 @@ def main(argv=None):
     test_x, test_y = load_split(str(CIFAR10 / "test-*.tar"))
     print(f"train {len(train_x)} images, test {len(test_x)}", flush=True)
 
-    target = build_target(SPEC, model_kwargs=KWARGS, mean=MEAN, std=STD, input_size=(32, 32))
+    target = build_target(SPEC, model_kwargs=KWARGS, random_init=True, mean=MEAN, std=STD, input_size=(32, 32))
     net = target.net
     net.requires_grad_(True)
     decay = [p for n, p in net.named_parameters() if p.ndim > 1 and "pos_embed" not in n]

@@ -39,13 +39,20 @@ def build_parser():
     p.add_argument("--output", required=True, help="output folder or fsspec URL")
     p.add_argument("--model", help="target spec: timm:NAME or package.module:callable "
                    "(default: the model the explainer was trained for, from its artifact)")
-    p.add_argument("--checkpoint", help="target weights file")
+    p.add_argument("--checkpoint", help="target weights file, local or a URL (s3://, gs://, https://); "
+                   "for timm:NAME it replaces the pretrained weights")
+    p.add_argument("--random-init", action="store_true",
+                   help="explain an untrained model on purpose (timm:NAME otherwise means pretrained weights)")
+    p.add_argument("--background-logit", action="store_true",
+                   help="the model's logit 0 is a background class (TensorFlow ImageNet models): drop it")
+    p.add_argument("--allow-target-mismatch", action="store_true",
+                   help="use the explainer with a target other than its own (recorded in the manifest)")
     p.add_argument("--model-kwargs", default="{}", help="JSON kwargs for the model constructor")
     p.add_argument("--mean", help="normalisation mean, e.g. 0.485,0.456,0.406")
     p.add_argument("--std", help="normalisation std")
     p.add_argument("--input-size", help="H,W or one side (needed for a user's model)")
     p.add_argument("--crop-pct", type=float, default=1.0, help="centre-crop fraction (timm eval: 0.875)")
-    p.add_argument("--explainer", help="explainer artifact folder (model.safetensors + explainer.json)")
+    p.add_argument("--explainer", help="explainer artifact folder or URL (model.safetensors + explainer.json)")
     p.add_argument("--methods", default="l2r", help=f"comma-separated, from {','.join(all_methods())}")
     p.add_argument("--method-options", default="{}", help='JSON per method, e.g. \'{"rise": {"n_masks": 500}}\'')
     p.add_argument("--refine-steps", type=int, default=0, help="test-time refinement steps for l2r (0: off)")
@@ -79,6 +86,9 @@ def main(argv=None):
         output=args.output,
         target=args.model,
         checkpoint=args.checkpoint,
+        random_init=args.random_init,
+        background_logit=args.background_logit,
+        allow_target_mismatch=args.allow_target_mismatch,
         model_kwargs=json.loads(args.model_kwargs),
         mean=_floats(args.mean),
         std=_floats(args.std),

@@ -5,7 +5,12 @@ project only ever sees images in [0,1]: normalisation happens inside, which make
 perturbation a blend in raw pixel space. Models come from a spec string:
 
 - `timm:NAME` (also timm's own sources: `timm:hf-hub:ORG/NAME`, `timm:local-dir:/path`)
-- `package.module:callable` - a user's own model, plus a checkpoint file.
+- `package.module:callable` - a user's own model, plus a checkpoint file; the module is found
+  on `sys.path` (PYTHONPATH, the current directory), or given as a file: `path/to/model.py:callable`.
+
+`timm:NAME` means timm's pretrained weights unless a checkpoint file is given or `random_init`
+asks for an untrained model; weights that cannot be obtained are an error, never a silently
+random model. `l2r.target_record.TargetRecord` is the record that says which of these to build.
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ class CheckpointMismatchError(ValueError):
     """A weight file does not fit the network it is loaded into."""
 
 
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be obtained (no network, nothing in the hub cache)."""
+
+
 class TargetModel(nn.Module):
     """A frozen classifier on images in [0,1]; `forward` returns softmax probabilities."""
 
@@ -48,7 +57,7 @@ class TargetModel(nn.Module):
         num_classes: int,
         class_names: Sequence[str] | None = None,
         spec: str = "",
-        checksum: str | None = None,
+        background_logit: bool = False,
     ):
         super().__init__()
         self.net = net
@@ -58,7 +67,10 @@ class TargetModel(nn.Module):
         self.num_classes = int(num_classes)
         self.class_names = list(class_names) if class_names is not None else None
         self.spec = spec
-        self.checksum = checksum
+        # Logit 0 of some ImageNet models (TensorFlow's) is "background": dropped, so that class k
+        # of the data is output k.
+        self.background_logit = bool(background_logit)
+        self.weights_sha256 = weights_sha256(net)  # identifies the weights, wherever they came from
         # Off by default: it trades a second forward for memory, worth it only when training
         # an explainer through the target.
         self.gradient_checkpointing = False
@@ -83,8 +95,10 @@ class TargetModel(nn.Module):
         """Logits `(B, num_classes)` for images `(B,3,H,W)` in [0,1]."""
         x = self.normalise(x)
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return run_checkpointed(self.net, x, use_reentrant=False)
-        return self.net(x)
+            out = run_checkpointed(self.net, x, use_reentrant=False)
+        else:
+            out = self.net(x)
+        return out[:, 1:] if self.background_logit else out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Softmax in float32: under bf16 autocast small probabilities would lose their ranking.
@@ -92,6 +106,16 @@ class TargetModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"spec={self.spec!r}, input_size={self.input_size}, num_classes={self.num_classes}"
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """Hex sha256 over a module's state dict: names, dtypes, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -181,9 +205,11 @@ def load_checkpoint(net: nn.Module, path: str | os.PathLike) -> None:
 
 def import_callable(spec: str):
     """Resolve `package.module:callable` (the current directory is importable, as for `python -m`)."""
-    module_name, sep, attr = spec.partition(":")
+    module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"model spec {spec!r}: expected 'timm:NAME' or 'package.module:callable'")
+    if module_name.endswith(".py"):
+        return _callable_from_file(spec, Path(module_name), attr)
     cwd = os.getcwd()
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
@@ -211,27 +237,31 @@ def build_target(
     spec: str,
     checkpoint: str | os.PathLike | None = None,
     model_kwargs: Mapping | None = None,
-    pretrained: bool = False,
+    random_init: bool = False,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     input_size: Sequence[int] | int | None = None,
     class_names: Sequence[str] | None = None,
+    background_logit: bool = False,
 ) -> TargetModel:
     """Build the frozen target model from a spec (see the module docstring).
 
-    timm models take their preprocessing from timm's pretrained config unless `mean`, `std`,
-    `input_size` are given; a user's model needs `input_size` (mean/std default to ImageNet's).
-    A `checkpoint` file replaces timm's pretrained download.
+    timm models are pretrained unless a `checkpoint` file (which replaces the download) or
+    `random_init` is given, and take their preprocessing from timm's pretrained config unless
+    `mean`, `std`, `input_size` are given; a user's model needs `input_size` (mean/std default
+    to ImageNet's). `checkpoint` is a local file here (`l2r.target_record.fetch` brings URLs).
     """
     kwargs = dict(model_kwargs or {})
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint file not found: {checkpoint}")
+    if random_init and checkpoint is not None:
+        raise ValueError(f"model {spec}: random_init and a checkpoint ({checkpoint}) exclude each other")
 
     if spec.startswith("timm:"):
         import timm
 
         name = spec[len("timm:"):]
-        net = timm.create_model(name, pretrained=pretrained and checkpoint is None, **kwargs)
+        net = _create_timm_target(name, pretrained=not random_init and checkpoint is None, kwargs=kwargs)
         if checkpoint is not None:
             load_checkpoint(net, checkpoint)
         data_cfg = timm.data.resolve_data_config({}, model=net)
@@ -258,6 +288,8 @@ def build_target(
     input_size = _as_hw(input_size)
     if not isinstance(num_classes, int) or num_classes <= 0:
         num_classes = _count_outputs(net, mean, std, input_size)
+    if background_logit:
+        num_classes -= 1
     return TargetModel(
         net,
         mean=mean,
@@ -266,8 +298,38 @@ def build_target(
         num_classes=num_classes,
         class_names=class_names,
         spec=spec,
-        checksum=sha256_file(checkpoint) if checkpoint is not None else None,
+        background_logit=background_logit,
     )
+
+
+def _create_timm_target(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
+    import timm
+
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as e:  # hub errors come in many types (connection, HTTP, missing file, no cache)
+        raise WeightsUnavailableError(
+            f"model timm:{name}: its pretrained weights could not be loaded ({type(e).__name__}: {e}). "
+            "Ways out: give the weights as a file (--checkpoint FILE, local or a URL such as s3://...; "
+            "target.checkpoint in a training config); or populate the hub cache on a machine with network "
+            "access and point HF_HOME / TORCH_HOME at it; or, to explain an untrained model on purpose, "
+            "--random-init (target.random_init: true)."
+        ) from e
+
+
+def _callable_from_file(spec: str, path: Path, attr: str):
+    """`path/to/model.py:callable`: import the file as a module named after it (its folder goes on sys.path)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"model spec {spec!r}: file not found: {path}")
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)  # so the module's own imports of its neighbours work, as in pickling
+    module = importlib.import_module(path.stem)
+    if not hasattr(module, attr):
+        raise AttributeError(f"model spec {spec!r}: {path} has no attribute {attr!r}")
+    return getattr(module, attr)
 
 
 def _as_hw(size) -> tuple[int, int]:

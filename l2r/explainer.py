@@ -404,7 +404,7 @@ def save_explainer(path: str | os.PathLike, explainer: Explainer, metadata: dict
         target = explainer.backbone.target
         document["target"] = {
             "spec": target.spec,
-            "checksum": target.checksum,
+            "weights_sha256": target.weights_sha256,
             "num_classes": target.num_classes,
             "input_size": list(target.input_size),
         }
@@ -429,10 +429,11 @@ def load_explainer(path: str | os.PathLike, target: TargetModel | None = None) -
     if document.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{config_file}: unsupported format_version {document.get('format_version')!r}")
     recorded = document.get("target")
-    if recorded and target is not None and recorded.get("checksum") and target.checksum != recorded["checksum"]:
+    if (recorded and target is not None and recorded.get("weights_sha256")
+            and target.weights_sha256 != recorded["weights_sha256"]):
         warnings.warn(
-            f"{config_file}: explainer was trained on target {recorded['spec']} with checkpoint sha256 "
-            f"{recorded['checksum']}, loading with {target.spec} sha256 {target.checksum}",
+            f"{config_file}: explainer was trained on target {recorded['spec']} with weights sha256 "
+            f"{recorded['weights_sha256'][:16]}..., loading with {target.spec} weights {target.weights_sha256[:16]}...",
             stacklevel=2,
         )
     # Backbone weights come from our own file: no hub download or backbone checkpoint needed.

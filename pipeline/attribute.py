@@ -106,13 +106,16 @@ class AttributeConfig:
     shards: str | list[str]
     output: str
     target: str | None = None  # model spec: timm:NAME or package.module:callable; None: the explainer's
-    checkpoint: str | None = None
+    checkpoint: str | None = None  # weight file, local or fsspec URL (timm: replaces the pretrained weights)
+    random_init: bool = False  # explain an untrained model on purpose (recorded, warned about)
+    background_logit: bool = False  # the model's logit 0 is a background class: dropped
     model_kwargs: dict = field(default_factory=dict)
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     input_size: tuple[int, int] | None = None
     crop_pct: float = 1.0
-    explainer: str | None = None  # artifact directory (needed for method l2r)
+    explainer: str | None = None  # artifact directory or URL (needed for method l2r)
+    allow_target_mismatch: bool = False  # use the explainer with a target it was not trained for
     methods: tuple[str, ...] = (EXPLAINER_METHOD,)
     method_options: dict = field(default_factory=dict)  # {"rise": {"n_masks": 500}, ...}
     refine_steps: int = 0  # test-time refinement of the l2r map (l2r.refine)
@@ -163,17 +166,28 @@ class AttributeConfig:
         self.protocol  # validates steps/reference/target
 
     def _target_from_artifact(self) -> None:
-        """Fill the target model from the explainer artifact's metadata (written by the training job)."""
-        from pipeline.train import artifact_target
+        """Fill the target model from the explainer artifact's record (written by the training job)."""
+        from l2r.artifact import local_artifact, read_target_record
 
-        recorded = artifact_target(self.explainer)
-        self.target = recorded["spec"]
-        self.checkpoint = recorded.get("checkpoint")
-        self.model_kwargs = dict(recorded.get("kwargs") or {})
-        self.mean = tuple(recorded["mean"]) if recorded.get("mean") else None
-        self.std = tuple(recorded["std"]) if recorded.get("std") else None
-        self.input_size = tuple(recorded["input_size"]) if recorded.get("input_size") else None
-        self.crop_pct = recorded["crop_pct"]
+        recorded = read_target_record(local_artifact(self.explainer, self.storage_options))
+        self.target = recorded.spec
+        self.checkpoint = recorded.checkpoint
+        self.random_init = recorded.random_init
+        self.background_logit = recorded.background_logit
+        self.model_kwargs = dict(recorded.kwargs)
+        self.mean, self.std, self.input_size = recorded.mean, recorded.std, recorded.input_size
+        self.crop_pct = recorded.crop_pct
+
+    def target_record(self):
+        """The target this run explains, as `l2r.target_record.TargetRecord` (not yet built)."""
+        from l2r.target_record import TargetRecord
+
+        checkpoint = self.checkpoint
+        if checkpoint and "://" not in str(checkpoint):
+            checkpoint = os.path.abspath(checkpoint)  # actors may run in another directory
+        return TargetRecord(spec=self.target, checkpoint=checkpoint, random_init=self.random_init,
+                            kwargs=self.model_kwargs, mean=self.mean, std=self.std, input_size=self.input_size,
+                            crop_pct=self.crop_pct, background_logit=self.background_logit)
 
     @property
     def protocol(self) -> Protocol:
@@ -192,7 +206,7 @@ class Attributor:
     def __init__(self, settings: dict):
         import torch
 
-        from l2r.classifier import build_target
+        from l2r.target_record import TargetRecord
 
         threads = settings.get("threads")
         if threads:
@@ -205,16 +219,24 @@ class Attributor:
         self.forward_batch = int(settings["forward_batch"])
         self.precision = settings.get("precision") or "fp32"
         self.with_mask = bool(settings.get("with_mask"))
-        self.target = build_target(**settings["target"]).to(self.device)
+        record = TargetRecord.from_dict(settings["target"])
+        expected = record.weights_sha256
+        self.target = record.build(self.device, settings.get("storage_options"))
+        if expected and record.weights_sha256 != expected:
+            # E.g. a checkpoint path that holds another file on this node than on the driver's.
+            raise RuntimeError(f"target {record.spec}: the weights loaded on this node (sha256 "
+                               f"{record.weights_sha256[:16]}...) are not the driver's ({expected[:16]}...)")
         if self.device.type == "cuda":
             # cuDNN's fastest convolutions want NHWC; inputs are converted on the fly.
             self.target.to(memory_format=torch.channels_last)
         self.explainer = None
         self.explainer_forwards = 0
         if EXPLAINER_METHOD in self.methods:
+            from l2r.artifact import local_artifact
             from l2r.explainer import load_explainer
 
-            self.explainer, _ = load_explainer(settings["explainer"], target=self.target)
+            folder = local_artifact(settings["explainer"], settings.get("storage_options"))
+            self.explainer, _ = load_explainer(folder, target=self.target)
             self.explainer.to(self.device).eval()
             # An explainer on the target's own layers runs the target once per map.
             self.explainer_forwards = 1 if self.explainer.config.get("backbone") == "target" else 0
@@ -700,21 +722,7 @@ def _cluster_plan(config: AttributeConfig) -> dict:
             "batch_size": config.batch_size or 64, "forward_batch": config.forward_batch or 128}
 
 
-def _target_kwargs(config: AttributeConfig) -> dict:
-    checkpoint = config.checkpoint
-    if checkpoint and "://" not in str(checkpoint):
-        checkpoint = os.path.abspath(checkpoint)  # actors may run in another directory
-    return {
-        "spec": config.target,
-        "checkpoint": checkpoint,
-        "model_kwargs": dict(config.model_kwargs or {}),
-        "mean": tuple(config.mean) if config.mean is not None else None,
-        "std": tuple(config.std) if config.std is not None else None,
-        "input_size": tuple(config.input_size) if config.input_size is not None else None,
-    }
-
-
-def _identity(config: AttributeConfig, target, explainer: dict | None) -> dict:
+def _identity(config: AttributeConfig, record, explainer: dict | None) -> dict:
     """What must match for a rerun to continue an earlier run's output."""
     return {
         "methods": list(config.methods),
@@ -722,13 +730,12 @@ def _identity(config: AttributeConfig, target, explainer: dict | None) -> dict:
         "refine_steps": config.refine_steps if EXPLAINER_METHOD in config.methods else 0,
         "protocol": config.protocol.to_dict(),
         "crop_pct": config.crop_pct,
-        "target": {"spec": target.spec, "checksum": target.checksum, "input_size": list(target.input_size),
-                   "mean": target.mean.tolist(), "std": target.std.tolist(), "num_classes": target.num_classes,
-                   "model_kwargs": config.model_kwargs},
+        "target": record.to_dict(),
         "explainer_weights_sha256": explainer["weights_sha256"] if explainer else None,
         # Only when set, so outputs written before the option existed still resume.
         **({"with_mask": True} if config.with_mask else {}),
         **({"precision": config.precision} if config.precision != "fp32" else {}),
+        **({"allow_target_mismatch": True} if config.allow_target_mismatch else {}),
     }
 
 
@@ -752,7 +759,6 @@ def run_attribution(config: AttributeConfig, filesystem=None, output_filesystem=
     """
     import ray
 
-    from l2r.classifier import build_target
     from pipeline.data import expand_urls, read_shards
 
     log = log or (lambda line: print(line, flush=True))
@@ -768,9 +774,32 @@ def run_attribution(config: AttributeConfig, filesystem=None, output_filesystem=
     names = output_names(urls)
     output = Output(config.output, output_filesystem, config.storage_options)
 
-    target = build_target(**_target_kwargs(config))
-    explainer = explainer_identity(config.explainer) if EXPLAINER_METHOD in config.methods else None
-    identity = json.loads(json.dumps(_identity(config, target, explainer), default=str))
+    record = config.target_record()
+    if record.random_init:
+        log(f"warning: target {record.spec} has random weights (random_init): its maps explain an untrained model")
+    target = record.build("cpu", config.storage_options)
+    explainer = None
+    if EXPLAINER_METHOD in config.methods:
+        from l2r.artifact import local_artifact, read_target_record
+        from l2r.target_record import check_same_target
+
+        folder = local_artifact(config.explainer, config.storage_options)
+        explainer = explainer_identity(folder)
+        try:
+            trained = read_target_record(folder)
+        except ValueError:  # an explainer saved without a record (not by the training job): nothing to check
+            trained = None
+            log(f"warning: {config.explainer} does not record the target it was trained for; not checked")
+        if trained is None:
+            pass
+        elif config.allow_target_mismatch:
+            found = trained.differences(record)
+            if found:
+                log(f"warning: allow_target_mismatch: the explainer was trained for {trained.describe()}, "
+                    f"used with {record.describe()}: {'; '.join(found)}")
+        else:
+            check_same_target(trained, record, config.explainer)
+    identity = json.loads(json.dumps(_identity(config, record, explainer), default=str))
     manifest_path = f"{output.root}/{MANIFEST}"
     previous = output.read_json(manifest_path)
     if previous is not None and previous.get("identity") != identity:
@@ -829,8 +858,10 @@ def run_attribution(config: AttributeConfig, filesystem=None, output_filesystem=
             "protocol": config.protocol.to_dict(),
             "forward_batch": plan["forward_batch"],
             "precision": config.precision,
-            "target": _target_kwargs(config),
-            "explainer": str(Path(config.explainer).resolve()) if explainer else None,
+            "target": record.to_dict(),
+            "storage_options": config.storage_options,
+            "explainer": (config.explainer if "://" in str(config.explainer) else str(Path(config.explainer).resolve()))
+            if explainer else None,
         }
         ds = read_shards(todo, target.input_size, crop_pct=config.crop_pct, with_mask=config.with_mask,
                          filesystem=filesystem, num_cpus=config.read_cpus, rows_per_batch=plan["batch_size"])

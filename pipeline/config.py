@@ -39,7 +39,8 @@ DEFAULTS: dict = {
         "spec": None,  # timm:NAME or package.module:callable
         "checkpoint": None,  # weight file (local path or URL)
         "kwargs": {},
-        "pretrained": False,  # timm weights from the hub
+        "random_init": False,  # explicit untrained weights (timm:NAME otherwise means pretrained)
+        "background_logit": False,  # logit 0 is a background class (TensorFlow ImageNet models): dropped
         "mean": None,
         "std": None,
         "input_size": None,

@@ -9,7 +9,7 @@ share of the stream with `get_dataset_shard("train").iter_torch_batches`, and ru
 
 Run directory `<storage>/<name>/`: `config.yaml`, Ray Train's `checkpoint_*` dirs (each a
 `state.pt`: explainer, optimiser, scheduler, step, data position, config), `explainer/`
-(the final artifact, `l2r.explainer.save_explainer`), `metrics.jsonl` (every report, local
+(the final artifact, `l2r.artifact.write_artifact`), `metrics.jsonl` (every report, local
 storage only), `data/` (demo shards), `target.pt` (demo target), `keys/` (debug.record_keys).
 
 Reported metrics (means over the window since the last report, averaged over workers): loss,
@@ -43,11 +43,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from l2r.classifier import build_target, sha256_file
-from l2r.explainer import build_explainer, load_explainer, save_explainer
+from l2r.artifact import save_artifact
+from l2r.explainer import build_explainer
 from l2r.images import to_tensor
 from l2r.metrics import deletion_insertion
 from l2r.objective import ObjectiveConfig, objective_backward
+from l2r.target_record import TargetRecord
 from pipeline.config import dump_config
 
 STATE_FILE = "state.pt"
@@ -79,34 +80,22 @@ def make_optimizer(explainer: torch.nn.Module, tcfg: dict, total: int):
 # ---------------------------------------------------------------- models
 
 
-def local_file(url: str | None) -> str | None:
-    """A local path for a weight file: URLs (s3://...) are downloaded once per process to a temp dir."""
-    if url is None or "://" not in url:
-        return url
-    import fsspec
-
-    local = Path(tempfile.gettempdir()) / "l2r_files" / hashlib.sha256(url.encode()).hexdigest()[:16] / Path(url).name
-    if not local.exists():
-        local.parent.mkdir(parents=True, exist_ok=True)
-        with fsspec.open(url, "rb") as src, open(f"{local}.part", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.replace(f"{local}.part", local)
-    return str(local)
+def target_record(config: dict) -> TargetRecord:
+    """The training target as a `TargetRecord` (the same record the artifact and attribution use)."""
+    tcfg = config["target"]
+    return TargetRecord(
+        spec=tcfg["spec"], checkpoint=tcfg["checkpoint"], random_init=bool(tcfg["random_init"]), kwargs=tcfg["kwargs"],
+        mean=tcfg["mean"], std=tcfg["std"], input_size=tcfg["input_size"], crop_pct=config["data"]["crop_pct"],
+        background_logit=bool(tcfg["background_logit"]), class_names=tcfg["class_names"],
+    )
 
 
-def make_target(tcfg: dict, device="cpu"):
-    target = build_target(
-        tcfg["spec"],
-        checkpoint=local_file(tcfg["checkpoint"]),
-        model_kwargs=tcfg["kwargs"],
-        pretrained=tcfg["pretrained"],
-        mean=tcfg["mean"],
-        std=tcfg["std"],
-        input_size=tcfg["input_size"],
-        class_names=tcfg["class_names"],
-    ).to(device)
-    target.gradient_checkpointing = bool(tcfg["gradient_checkpointing"])
-    return target
+def make_target(config: dict, device="cpu"):
+    """(target model, its built record)."""
+    record = target_record(config)
+    target = record.build(device)
+    target.gradient_checkpointing = bool(config["target"]["gradient_checkpointing"])
+    return target, record
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -232,7 +221,7 @@ def train_loop_per_worker(config: dict) -> None:
     ocfg = ObjectiveConfig(**config["objective"])
     autocast = device.type == "cuda" and bool(tcfg["bf16"])
 
-    target = make_target(config["target"], device)
+    target, record = make_target(config, device)
     explainer = build_explainer(dict(config["explainer"]), target)
     position = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "images": 0}
     state = None
@@ -313,7 +302,7 @@ def train_loop_per_worker(config: dict) -> None:
             if ckpt_now and rank == 0:
                 ckpt, ckpt_dir = _save_checkpoint(explainer, optimizer, scheduler, position, config)
             if final and rank == 0:
-                write_artifact(unwrap(explainer), target, config, step)
+                write_artifact(unwrap(explainer), record, config, step)
             if rank == 0:
                 append_metrics(config["run_dir"], metrics)
             ray.train.report(metrics, checkpoint=ckpt)
@@ -328,7 +317,7 @@ def train_loop_per_worker(config: dict) -> None:
             position.update(epoch=position["epoch"] + 1, batches_in_epoch=0)
     if start_step >= total and rank == 0:
         # A rerun of a finished run: nothing to train, rewrite the artifact from the checkpoint.
-        write_artifact(unwrap(explainer), target, config, step)
+        write_artifact(unwrap(explainer), record, config, step)
     if keys_file is not None:
         keys_file.close()
 
@@ -344,23 +333,11 @@ def append_metrics(run_dir: str, metrics: dict) -> None:
 # ---------------------------------------------------------------- artifact
 
 
-def artifact_metadata(config: dict, target, step: int) -> dict:
-    tcfg = config["target"]
+def artifact_metadata(config: dict, step: int) -> dict:
+    """What the artifact records besides the target record (`l2r.artifact.write_artifact` adds that)."""
     return {
         "steps": step,
         "run_name": config["name"],
-        "target": {
-            "spec": tcfg["spec"],
-            "checkpoint": tcfg["checkpoint"],
-            "checksum": target.checksum,
-            "kwargs": tcfg["kwargs"],
-            "pretrained": tcfg["pretrained"],
-            "mean": [float(v) for v in target.mean.tolist()],
-            "std": [float(v) for v in target.std.tolist()],
-            "input_size": list(target.input_size),
-            "num_classes": target.num_classes,
-            "class_names": target.class_names,
-        },
         "data": config["data_identity"],
         "image_size": config["data"]["image_size"],
         "crop_pct": config["data"]["crop_pct"],
@@ -371,46 +348,17 @@ def artifact_metadata(config: dict, target, step: int) -> dict:
     }
 
 
-def artifact_target(path: str) -> dict:
-    """The target model an artifact directory records (`artifact_metadata`'s "target", plus its
-    "crop_pct"); puts the recorded import paths on sys.path so a user's model module imports."""
-    document = Path(path) / "explainer.json"
-    if not document.exists():
-        raise FileNotFoundError(f"explainer artifact {path}: no explainer.json")
-    metadata = json.loads(document.read_text()).get("metadata", {})
-    recorded = metadata.get("target")
-    if not recorded or not recorded.get("spec"):
-        raise ValueError(f"explainer artifact {path} does not record its target model; give the model explicitly")
-    for extra in metadata.get("import_paths", []):
-        if extra not in sys.path:  # where the user's model module was found at training time
-            sys.path.append(extra)
-    return {**recorded, "crop_pct": float(metadata.get("crop_pct", 1.0))}
-
-
-def load_trained_explainer(path: str, device="cpu"):
-    """(explainer, target, metadata) from an artifact directory alone: the target is rebuilt from its metadata."""
-    t = artifact_target(path)
-    target = make_target(
-        {"spec": t["spec"], "checkpoint": t["checkpoint"], "kwargs": t["kwargs"], "pretrained": t["pretrained"],
-         "mean": t["mean"], "std": t["std"], "input_size": t["input_size"], "class_names": t["class_names"],
-         "gradient_checkpointing": False},
-        device,
-    )
-    explainer, metadata = load_explainer(path, target)
-    return explainer.to(device).eval(), target, metadata
-
-
-def write_artifact(explainer, target, config: dict, step: int) -> str:
-    """save_explainer into <run_dir>/explainer (written locally, then copied when the storage is remote)."""
+def write_artifact(explainer, record: TargetRecord, config: dict, step: int) -> str:
+    """The artifact into <run_dir>/explainer (written locally, then copied when the storage is remote)."""
     destination = f"{config['run_dir']}/explainer"
-    metadata = artifact_metadata(config, target, step)
+    metadata = artifact_metadata(config, step)
     if "://" not in destination:
-        save_explainer(destination, explainer, metadata)
+        save_artifact(destination, explainer, record, metadata)
         return destination
     import fsspec
 
     with tempfile.TemporaryDirectory() as tmp:
-        save_explainer(tmp, explainer, metadata)
+        save_artifact(tmp, explainer, record, metadata)
         fs, path = fsspec.core.url_to_fs(destination)
         for name in os.listdir(tmp):
             fs.put(os.path.join(tmp, name), f"{path}/{name}")
@@ -466,7 +414,8 @@ def fit_target(config: dict, urls: list[str]) -> str:
     if fs.exists(path):
         return destination
     torch.manual_seed(config["seed"])
-    target = make_target({**tcfg, "checkpoint": None})
+    # The demo's own small model: trained here from its constructor's random weights.
+    target, _ = make_target({**config, "target": {**tcfg, "checkpoint": None}})
     net = target.net
     net.requires_grad_(True)
     net.train()

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from l2r.classifier import build_target
-from l2r.explainer import build_explainer, save_explainer
+from l2r.artifact import save_artifact
+from l2r.explainer import build_explainer
+from l2r.target_record import TargetRecord
 from l2r.images import decode_heatmap, to_tensor
 from l2r.metrics import deletion_insertion
 from pipeline import attribute as att
@@ -36,12 +38,13 @@ def assets(tmp_path_factory):
     ]
     write_tar(root / "shards" / "train-0003.tar", bad)
     torch.manual_seed(0)
-    target = build_target(SPEC, model_kwargs=KWARGS, input_size=(SIZE, SIZE))
+    target = build_target(SPEC, model_kwargs=KWARGS, random_init=True, input_size=(SIZE, SIZE))
     torch.save(target.net.state_dict(), root / "target.pt")
-    target = build_target(SPEC, checkpoint=root / "target.pt", model_kwargs=KWARGS, input_size=(SIZE, SIZE))
+    record = TargetRecord(SPEC, checkpoint=str(root / "target.pt"), kwargs=KWARGS, input_size=(SIZE, SIZE))
+    target = record.build()
     explainer = build_explainer({"backbone": "target", "layers": ["layer1", "layer2"], "dim": 8, "head_dim": 8},
                                 target=target)
-    save_explainer(root / "explainer", explainer, {"note": "untrained, for tests"})
+    save_artifact(root / "explainer", explainer, record, {"note": "untrained, for tests"})
     return {"root": root, "target": target, "checkpoint": str(root / "target.pt"), "explainer": str(root / "explainer")}
 
 
@@ -108,8 +111,9 @@ def test_schema_rows_and_manifest(assets, full_run):
 
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["status"] == "complete"
-    assert manifest["protocol"] == {"steps": 21, "reference": "black", "target": "prediction"}
-    assert manifest["target"]["checksum"] == assets["target"].checksum
+    assert manifest["protocol"] == {"steps": 21, "reference": "black", "target": "prediction", "precision": "fp32"}
+    assert manifest["target"]["weights_sha256"] == assets["target"].weights_sha256
+    assert manifest["target"]["weight_source"] == "checkpoint"
     assert len(manifest["explainer"]["weights_sha256"]) == 64 and manifest["explainer"]["document"]["metadata"]
     assert manifest["counts"] == {"images_in": len(keys), "rows_out": len(rows), "images_errored": 1,
                                   "rows_errored": len(methods)}
@@ -207,7 +211,7 @@ def test_attributor_with_refinement_without_ray(assets):
     settings = {"device": "cpu", "threads": 1, "methods": ["l2r", "saliency"], "method_options": {},
                 "refine_steps": 2, "protocol": {"steps": 6, "reference": "blur", "target": "prediction"},
                 "forward_batch": 64, "explainer": assets["explainer"],
-                "target": {"spec": SPEC, "checkpoint": assets["checkpoint"], "model_kwargs": KWARGS,
+                "target": {"spec": SPEC, "checkpoint": assets["checkpoint"], "kwargs": KWARGS,
                            "input_size": (SIZE, SIZE)}}
     rows = list(iter_shard(str(assets["root"] / "shards" / "train-0003.tar"), SIZE))
     batch = {k: np.array([r[k] for r in rows], dtype=object) for k in ("key", "source", "error")}
@@ -232,12 +236,19 @@ def test_config_validation(assets, tmp_path):
 
 
 def test_target_comes_from_the_artifact(assets, tmp_path):
-    # The untrained test artifact records no target: the job must say so, not guess.
+    # An explainer saved without a target record: the job must say so, not guess.
+    document = json.loads((assets["root"] / "explainer" / "explainer.json").read_text())
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "explainer.json").write_text(json.dumps({**document, "metadata": {}}))
     with pytest.raises(ValueError, match="does not record its target"):
-        config(assets, tmp_path, target=None)
+        config(assets, tmp_path, target=None, explainer=str(bare))
+    # The job's own artifact records the target it was saved with.
+    cfg = config(assets, tmp_path, target=None, checkpoint=None, model_kwargs={}, input_size=None)
+    assert (cfg.target, cfg.checkpoint, cfg.model_kwargs, cfg.input_size) == (SPEC, assets["checkpoint"], KWARGS,
+                                                                              (SIZE, SIZE))
     recorded = tmp_path / "artifact"
     recorded.mkdir()
-    document = json.loads((assets["root"] / "explainer" / "explainer.json").read_text())
     document["metadata"] = {"crop_pct": 0.875, "import_paths": [str(tmp_path / "models")], "target": {
         "spec": SPEC, "checkpoint": assets["checkpoint"], "kwargs": KWARGS, "mean": [0.5] * 3, "std": [0.25] * 3,
         "input_size": [SIZE, SIZE]}}

@@ -20,14 +20,14 @@ VIT_METHODS = ["vit_cam", "ig", "saliency", "rise", "rollout", "random", "gaussi
 @pytest.fixture(scope="module")
 def cnn():
     torch.manual_seed(0)
-    return build_target("timm:test_resnet", model_kwargs={"num_classes": 10}, input_size=(SIZE, SIZE))
+    return build_target("timm:test_resnet", model_kwargs={"num_classes": 10}, random_init=True, input_size=(SIZE, SIZE))
 
 
 @pytest.fixture(scope="module")
 def vit():
     torch.manual_seed(0)
     kwargs = {"num_classes": 10, "img_size": SIZE, "patch_size": 4, "depth": 2}
-    return build_target("timm:vit_tiny_patch16_224", model_kwargs=kwargs, input_size=(SIZE, SIZE))
+    return build_target("timm:vit_tiny_patch16_224", model_kwargs=kwargs, random_init=True, input_size=(SIZE, SIZE))
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +265,7 @@ def test_every_method_is_listed():
 def test_vit_with_register_tokens_and_average_pooling(method, images):
     kwargs = {"num_classes": 10, "img_size": SIZE, "patch_size": 8, "depth": 1,
               "class_token": False, "reg_tokens": 2, "global_pool": "avg"}
-    model = build_target("timm:vit_tiny_patch16_224", model_kwargs=kwargs, input_size=(SIZE, SIZE))
+    model = build_target("timm:vit_tiny_patch16_224", model_kwargs=kwargs, random_init=True, input_size=(SIZE, SIZE))
     assert model.net.num_prefix_tokens == 2
     maps, _ = attribute(method, model, images, TARGETS)
     check_maps(maps, images)

@@ -11,7 +11,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from benchmarks.resnet20 import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, resnet20
-from l2r.classifier import CheckpointMismatchError, TargetModel, build_target, load_checkpoint, sha256_file
+from l2r.classifier import (CheckpointMismatchError, TargetModel, build_target, load_checkpoint, sha256_file,
+                            weights_sha256)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -71,7 +72,8 @@ def test_checkpoint_layouts_load(tmp_path, layout):
     loaded = target.net.state_dict()
     for key, value in weights.items():
         assert torch.equal(loaded[key], value), key
-    assert target.checksum == sha256_file(path)
+    # The same weights, whatever the file's layout, give the same weights hash.
+    assert target.weights_sha256 == weights_sha256(build_user_target(save_torch(weights, tmp_path / "bare.pth")).net)
 
 
 def test_safetensors_checkpoint(tmp_path):
@@ -140,26 +142,27 @@ def test_user_model_kwargs_and_defaults():
     assert target.num_classes == 4
     assert target.input_size == (32, 32)
     assert torch.allclose(target.mean, torch.tensor([0.485, 0.456, 0.406]))
-    assert target.checksum is None and target.class_names is None
+    assert target.class_names is None and len(target.weights_sha256) == 64
 
 
 def test_timm_spec_with_kwargs():
     kwargs = {"img_size": 32, "patch_size": 4, "depth": 2, "num_classes": 7}
-    target = build_target("timm:vit_tiny_patch16_224", model_kwargs=kwargs)
+    target = build_target("timm:vit_tiny_patch16_224", model_kwargs=kwargs, random_init=True)
     assert target.num_classes == 7
     assert target.input_size == (32, 32)
     # Preprocessing comes from timm's pretrained config (this model: 0.5/0.5) ...
     assert torch.allclose(target.mean, torch.tensor([0.5, 0.5, 0.5]))
-    assert target.class_names is None and target.checksum is None
+    assert target.class_names is None
     assert target(torch.rand(2, 3, 32, 32)).shape == (2, 7)
     # ... unless given explicitly.
-    target = build_target("timm:vit_tiny_patch16_224", model_kwargs=kwargs, mean=(0.1, 0.2, 0.3), std=(1, 1, 1))
+    target = build_target("timm:vit_tiny_patch16_224", model_kwargs=kwargs, random_init=True,
+                          mean=(0.1, 0.2, 0.3), std=(1, 1, 1))
     assert torch.allclose(target.mean, torch.tensor([0.1, 0.2, 0.3]))
 
 
 def test_timm_spec_with_checkpoint(tmp_path):
     kwargs = {"img_size": 32, "patch_size": 4, "depth": 1, "num_classes": 3}
-    source = build_target("timm:vit_tiny_patch16_224", model_kwargs=kwargs)
+    source = build_target("timm:vit_tiny_patch16_224", model_kwargs=kwargs, random_init=True)
     path = save_torch({"state_dict_ema": source.net.state_dict()}, tmp_path / "vit.pth")
     target = build_target("timm:vit_tiny_patch16_224", model_kwargs=kwargs, checkpoint=path)
     x = torch.rand(2, 3, 32, 32)
@@ -223,7 +226,7 @@ def read_cifar_shard(path, limit):
 )
 def test_shared_resnet20_accuracy():
     target = build_user_target(RESNET20_CHECKPOINT)
-    assert target.checksum == RESNET20_SHA256
+    assert sha256_file(RESNET20_CHECKPOINT) == RESNET20_SHA256
     images, labels = read_cifar_shard(CIFAR10_TEST_SHARD, limit=2000)
     assert len(labels) == 2000
     with torch.no_grad():

@@ -142,7 +142,7 @@ def test_save_load_round_trip(tmp_path, target, name):
         optimizer.zero_grad()
         (maps * torch.randn_like(maps)).mean().backward()
         optimizer.step()
-    metadata = {"target": {"spec": target.spec, "checksum": target.checksum}, "steps": 2}
+    metadata = {"target": {"spec": target.spec, "weights_sha256": target.weights_sha256}, "steps": 2}
     save_explainer(tmp_path / "explainer", explainer, metadata)
 
     loaded, loaded_metadata = load_explainer(tmp_path / "explainer", target=target)
@@ -218,7 +218,7 @@ def test_small_configuration_trains_on_cpu(target):
 
 def test_target_backbone_reads_a_vit_targets_blocks():
     torch.manual_seed(0)
-    vit = build_target("timm:vit_tiny_patch16_224", input_size=(32, 32),
+    vit = build_target("timm:vit_tiny_patch16_224", input_size=(32, 32), random_init=True,
                        model_kwargs={"img_size": 32, "patch_size": 4, "depth": 3, "num_classes": 10})
     explainer = build_explainer({"backbone": "target", "layers": ["blocks.0", "blocks.2"], "dim": 16,
                                  "head_dim": 8}, target=vit).train()

@@ -37,7 +37,7 @@ def results(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     shards = make_shards(str(root / "shards"), synthetic=12, size=SIZE, max_count=6, progress=False)
     torch.manual_seed(0)
-    target = build_target(SPEC, model_kwargs=KWARGS, input_size=(SIZE, SIZE))
+    target = build_target(SPEC, model_kwargs=KWARGS, random_init=True, input_size=(SIZE, SIZE))
     torch.save(target.net.state_dict(), root / "target.pt")
     explainer = build_explainer({"backbone": "target", "layers": ["layer1", "layer2"], "dim": 8, "head_dim": 8},
                                 target=target)
@@ -45,10 +45,11 @@ def results(tmp_path_factory):
     config = att.AttributeConfig(shards=shards, output=str(root / "out"), target=SPEC,
                                  checkpoint=str(root / "target.pt"), model_kwargs=KWARGS, input_size=(SIZE, SIZE),
                                  explainer=str(root / "explainer"), methods=METHODS, with_mask=True)
-    kwargs = att._target_kwargs(config)
+    record = config.target_record()
+    record.build()
     attributor = att.Attributor({"device": "cpu", "threads": 1, "methods": METHODS, "method_options": {},
                                  "protocol": config.protocol.to_dict(), "forward_batch": 128, "with_mask": True,
-                                 "target": kwargs, "explainer": config.explainer})
+                                 "target": record.to_dict(), "explainer": config.explainer})
     output = att.Output(config.output)
     for url, name in att.output_names(shards).items():
         rows = list(iter_shard(url, SIZE, with_mask=True))
@@ -60,7 +61,7 @@ def results(tmp_path_factory):
         writer.write(attributor(batch))
         writer.commit()
         output.write_json(output.marker_path(name), {"source": url, "stats": {}})
-    identity = att._identity(config, build_target(**kwargs), att.explainer_identity(config.explainer))
+    identity = att._identity(config, record, att.explainer_identity(config.explainer))
     output.write_json(f"{output.root}/{att.MANIFEST}", {"config": config.to_dict(), "identity": identity,
                                                         "target": identity["target"],
                                                         "protocol": config.protocol.to_dict()})

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from l2r.artifact import load_artifact
 from pipeline import config as C
 from pipeline.data import expand_urls, iter_shard
 from pipeline import train as T
@@ -178,7 +179,7 @@ def test_worker_failure_resumes_from_checkpoint_with_continuous_steps(failing_ru
     assert len(attempts) == 2
     assert attempts[0][0][0] == 0 and attempts[0][-1][0] >= 11
     assert [s for s, _ in attempts[1]][::4] == list(range(8, 24))  # 4 images a step, continuous
-    _, _, metadata = T.load_trained_explainer(failing_run["artifact"])
+    _, _, _, metadata = load_artifact(failing_run["artifact"])
     assert metadata["steps"] == 24 and metadata["workers"] == 2
     assert len(metadata["data"]["shards"]) == 4 and len(metadata["data"]["sha256"]) == 64
     assert (run_dir / "config.yaml").is_file()
@@ -198,7 +199,7 @@ def test_rerun_with_same_name_resumes_where_it_stopped(failing_run, capsys):
     assert steps[-1] == 28 and steps[-2] == 24  # no step repeated: continued from the step-24 checkpoint
     keyed_steps = [s for attempt in read_keys(run_dir / "keys" / "rank0.txt") for s, _ in attempt]
     assert keyed_steps[-16:][::4] == [24, 25, 26, 27]
-    explainer, target, metadata = T.load_trained_explainer(failing_run["artifact"])
+    explainer, target, _, metadata = load_artifact(failing_run["artifact"])
     assert metadata["steps"] == 28
 
 
@@ -289,8 +290,8 @@ def test_ray_job_submit_trains_and_writes_loadable_artifact(tiny, ray_head, tmp_
     assert done.returncode == 0, output[-5000:]
     artifact = storage / "submitted" / "explainer"
     assert f"explainer artifact: {artifact}" in output
-    explainer, target, metadata = T.load_trained_explainer(artifact)
-    assert metadata["steps"] == 4 and metadata["target"]["checksum"] is not None
+    explainer, target, _, metadata = load_artifact(artifact)
+    assert metadata["steps"] == 4 and len(metadata["target"]["weights_sha256"]) == 64
     images = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
         maps = explainer(images, target(images).argmax(1))

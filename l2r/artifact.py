@@ -1,0 +1,93 @@
+"""An explainer artifact as a whole: the explainer's files plus the record of the target it explains.
+
+The directory holds `model.safetensors` and `explainer.json` (`l2r.explainer.save_explainer`);
+the training job puts the target's `TargetRecord` under the metadata key "target" and the
+folders its model module was imported from under "import_paths". This module reads them back,
+so that an artifact alone is enough to explain images: `load_artifact(path)`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from l2r.explainer import CONFIG_FILE, load_explainer, save_explainer
+from l2r.target_record import TargetRecord, check_same_target
+
+
+def save_artifact(path, explainer, record: TargetRecord, metadata: dict | None = None) -> Path:
+    """Save the explainer with the (built) target record (metadata "import_paths": where a user's model
+    module was imported from)."""
+    metadata = {**(metadata or {}), "target": record.to_dict()}
+    return save_explainer(path, explainer, metadata)
+
+
+def read_metadata(path) -> dict:
+    document = Path(path) / CONFIG_FILE
+    if not document.is_file():
+        raise FileNotFoundError(f"explainer artifact {path}: no {CONFIG_FILE} (is this an explainer folder?)")
+    return json.loads(document.read_text()).get("metadata", {})
+
+
+def read_target_record(path) -> TargetRecord:
+    """The target an artifact was trained for; puts its recorded import paths on sys.path so that a
+    user's model module imports as it did at training time."""
+    metadata = read_metadata(path)
+    recorded = metadata.get("target")
+    if not recorded or not recorded.get("spec"):
+        raise ValueError(f"explainer artifact {path} does not record its target model; give the model explicitly")
+    for extra in metadata.get("import_paths", []):
+        if extra not in sys.path:
+            sys.path.append(extra)
+    crop = metadata.get("crop_pct")  # artifacts written before the record held crop_pct
+    if crop is not None and "crop_pct" not in recorded:
+        recorded = {**recorded, "crop_pct": crop}
+    return TargetRecord.from_dict(recorded)
+
+
+def load_artifact(path, device="cpu", record: TargetRecord | None = None, allow_target_mismatch: bool = False,
+                  storage_options: dict | None = None):
+    """(explainer, target, target record, metadata) from an artifact directory.
+
+    The target is rebuilt from the artifact's record, or from `record` when given; a target
+    other than the one the explainer was trained for (weights, preprocessing) is an error
+    unless `allow_target_mismatch`.
+    """
+    trained = read_target_record(path)
+    record = record or TargetRecord.from_dict(trained.to_dict())
+    target = record.build(device, storage_options)
+    if not allow_target_mismatch:
+        check_same_target(trained, record, f"in {path}")
+    explainer, metadata = load_explainer(path, target)
+    return explainer.to(device).eval(), target, record, metadata
+
+
+def local_artifact(path, storage_options: dict | None = None) -> str:
+    """A local folder for an artifact given as a folder or an fsspec URL (s3://...: its two files are
+    fetched once per node into the cache of `l2r.target_record.fetch`)."""
+    from l2r.explainer import WEIGHTS_FILE
+    from l2r.target_record import fetch
+
+    path = str(path)
+    if "://" not in path:
+        return path
+    base = path.rstrip("/")
+    files = [fetch(f"{base}/{name}", storage_options) for name in (CONFIG_FILE, WEIGHTS_FILE)]
+    return str(Path(files[0]).parent) if Path(files[0]).parent == Path(files[1]).parent else _same_folder(files)
+
+
+def _same_folder(files: list[str]) -> str:
+    # fetch() keys its cache by URL, so the two files land in different folders: link them side by side.
+    import hashlib
+    import os
+
+    from l2r.target_record import cache_dir
+
+    folder = cache_dir() / "artifacts" / hashlib.sha256("|".join(files).encode()).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        link = folder / Path(f).name
+        if not link.exists():
+            os.symlink(f, link)
+    return str(folder)
