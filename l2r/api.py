@@ -1,0 +1,130 @@
+"""The library surface for notebooks: a map in one or two calls.
+
+    import l2r
+    explainer = l2r.load("runs/demo/explainer")
+    images = explainer.preprocess(["photo.jpg"])
+    maps = explainer.explain(images)
+    scores = l2r.score(explainer.target, images, maps)
+
+- `load(path)`: an explainer artifact (folder or URL) with the target it was trained for;
+- `load_target(spec, ...)`: a target model alone, from the same record the jobs use;
+- `preprocess(target, images)`: paths, bytes, PIL images or uint8 arrays -> (B,3,H,W) in [0,1],
+  with the target's own resize and crop (the jobs' preprocessing);
+- `attribute(method, target, images, targets=None)`: any baseline by name (`l2r.baselines`);
+- `score(target, images, maps, targets=None)`: the exact deletion/insertion protocol.
+`targets=None` everywhere means the target's top-1 prediction.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from l2r.images import decode_image, resize_and_crop, to_tensor
+from l2r.metrics import deletion_insertion
+from l2r.target_record import TargetRecord
+
+
+def load_target(spec: str, checkpoint: str | None = None, device="cpu", **record_fields):
+    """The frozen target model (`TargetModel`): fields as `l2r.target_record.TargetRecord`'s.
+
+    `timm:NAME` means timm's pretrained weights unless `checkpoint` or `random_init=True` is given.
+    The record is kept as `target.record`.
+    """
+    record = TargetRecord(spec=spec, checkpoint=checkpoint, **record_fields)
+    target = record.build(device)
+    target.record = record
+    return target
+
+
+def preprocess(target, images) -> torch.Tensor:
+    """Images for `target` as a float tensor (B,3,H,W) in [0,1].
+
+    `images`: one or a list of file paths, encoded bytes, PIL images or uint8 HWC arrays; resized
+    (shorter side to input size / crop_pct) and centre-cropped to the target's input size.
+    """
+    if isinstance(images, (str, os.PathLike, bytes, np.ndarray)) or hasattr(images, "convert"):
+        images = [images]
+    crop_pct = getattr(getattr(target, "record", None), "crop_pct", 1.0)
+    arrays = [resize_and_crop(_as_array(image), target.input_size, crop_pct) for image in images]
+    device = target.mean.device
+    return to_tensor(np.stack(arrays)).to(device)
+
+
+def _as_array(image) -> np.ndarray:
+    if isinstance(image, (str, os.PathLike)):
+        return decode_image(Path(image).read_bytes())
+    if isinstance(image, (bytes, bytearray)):
+        return decode_image(bytes(image))
+    if hasattr(image, "convert"):  # a PIL image
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"expected a uint8 (H, W, 3) array, got {array.dtype} {array.shape}")
+    return array
+
+
+def _targets(target, images, targets) -> torch.Tensor:
+    if targets is None:
+        with torch.no_grad():
+            return target(images).argmax(1)
+    targets = torch.as_tensor(targets, dtype=torch.long, device=images.device).reshape(-1)
+    if targets.numel() == 1 and images.shape[0] > 1:
+        targets = targets.expand(images.shape[0])
+    return targets
+
+
+def attribute(method: str, target, images: torch.Tensor, targets=None, **options) -> torch.Tensor:
+    """Maps (B,H,W) of a baseline method (gradcam, ig, saliency, rise, random, gaussian, ...)."""
+    from l2r.baselines import attribute as run
+
+    maps, _ = run(method, target, images, _targets(target, images, targets), **options)
+    return maps
+
+
+def score(target, images: torch.Tensor, maps: torch.Tensor, targets=None, steps: int = 21,
+          reference: str = "black") -> dict:
+    """The exact deletion/insertion curves and AUCs of `maps` (see `l2r.metrics.deletion_insertion`)."""
+    return deletion_insertion(target, images, maps, _targets(target, images, targets), steps=steps,
+                              reference=reference)
+
+
+class TrainedExplainer:
+    """An explainer with the target it explains: `explain(images)` gives the maps in one forward."""
+
+    def __init__(self, explainer, target, record: TargetRecord, metadata: dict):
+        self.explainer, self.target, self.record, self.metadata = explainer, target, record, metadata
+        target.record = record
+
+    def preprocess(self, images) -> torch.Tensor:
+        return preprocess(self.target, images)
+
+    @torch.no_grad()
+    def explain(self, images: torch.Tensor, targets=None) -> torch.Tensor:
+        """Maps (B,H,W) for `targets` (default: the predicted classes); larger = more important."""
+        return self.explainer(images, _targets(self.target, images, targets))[:, 0].float()
+
+    __call__ = explain
+
+    def __repr__(self) -> str:
+        return f"TrainedExplainer(target={self.record.describe()}, steps={self.metadata.get('steps')})"
+
+
+def load(path, device="cpu", allow_target_mismatch: bool = False, **target_fields) -> TrainedExplainer:
+    """An explainer artifact (folder or fsspec URL) with its target, rebuilt from the artifact's record.
+
+    `target_fields` (spec, checkpoint, ...) name another target; it must be the one the explainer
+    was trained for (same weights and preprocessing) unless `allow_target_mismatch`.
+    """
+    from l2r.artifact import load_artifact, local_artifact, read_target_record
+
+    folder = local_artifact(path)
+    record = None
+    if target_fields:
+        record = TargetRecord.from_dict({**read_target_record(folder).to_dict(), "weights_sha256": None,
+                                         "num_classes": None, **target_fields})
+    explainer, target, record, metadata = load_artifact(folder, device, record, allow_target_mismatch)
+    return TrainedExplainer(explainer, target, record, metadata)
