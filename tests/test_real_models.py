@@ -1,0 +1,167 @@
+"""Real models end to end: the model a user names is the model that is explained.
+
+The shared MobileNetV1 (a user's model file with a background logit) on shared ImageNet photos,
+and a timm model whose weights are given as a file, locally and on S3.
+"""
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+import l2r
+from l2r.classifier import build_target
+from l2r.images import decode_heatmap
+from l2r.metrics import deletion_insertion
+from l2r.target_record import TargetMismatchError
+from pipeline import attribute as att
+from pipeline import config as C
+from pipeline import train as T
+from pipeline.shards import make_shards
+from tests.conftest import SHARED
+from tests.conftest_ray import ray_local  # noqa: F401
+
+MODELS, IMAGENET = SHARED / "models", SHARED / "data" / "imagenet-sample" / "val-0000.tar"
+MOBILENET = dict(target=f"{MODELS / 'mobilenet_v1.py'}:MobileNetV1", checkpoint=str(MODELS / "mobilenet_v1_0.5_160.pth"),
+                 background_logit=True, input_size=(160, 160), crop_pct=0.875, mean=(0.50196,) * 3, std=(0.50196,) * 3)
+# The first class, an apostrophe in the key, and a grayscale JPEG.
+KEYS = ("n01440764_tench", "n02966687_carpenter's_kit", "n02815834_beaker")
+
+
+@pytest.fixture(scope="module")
+def imagenet_few(tmp_path_factory):
+    if not IMAGENET.is_file() or not (MODELS / "mobilenet_v1_0.5_160.pth").is_file():
+        pytest.skip(f"shared ImageNet sample or MobileNetV1 not found under {SHARED}")
+    path = tmp_path_factory.mktemp("imagenet") / "few.tar"
+    samples = {}
+    with tarfile.open(IMAGENET) as src, tarfile.open(path, "w") as out:
+        for member in src:
+            key = member.name.rsplit(".", 1)[0]
+            if key in KEYS:
+                data = src.extractfile(member).read()
+                samples.setdefault(key, {})[member.name.rsplit(".", 1)[1]] = data
+                out.addfile(member, io.BytesIO(data))
+    assert set(samples) == set(KEYS)
+    return path, samples
+
+
+@pytest.mark.slow
+def test_mobilenet_attribution_rescores_exactly_and_matches_the_notebook_api(ray_local, imagenet_few, tmp_path):
+    shard, samples = imagenet_few
+    config = att.AttributeConfig(shards=str(shard), output=str(tmp_path / "out"), methods=("gradcam", "random"),
+                                 target_rule="ground_truth", actors=1, batch_size=4, **MOBILENET)
+    summary = att.run_attribution(config, log=lambda line: None)
+    assert summary["images"] == 3 and summary["errors"] == 0
+    rows = att.read_results(str(tmp_path / "out")).to_pylist()
+    assert {r["key"] for r in rows} == set(KEYS) and all(r["error"] is None for r in rows)
+    labels = {key: int(samples[key]["cls"]) for key in KEYS}
+    assert all(r["target"] == labels[r["key"]] for r in rows)
+    # Logit 0 (background) is dropped: the tench, class 0, is predicted as class 0.
+    assert next(r for r in rows if r["key"] == KEYS[0])["pred"] == 0
+
+    # The notebook API builds the same model and preprocessing: same probabilities, same AUCs.
+    target = l2r.load_target(MOBILENET["target"], **{k: v for k, v in MOBILENET.items() if k != "target"})
+    images = l2r.preprocess(target, [samples[r["key"]]["jpg"] for r in rows])
+    probs = target(images)
+    np.testing.assert_allclose([float(probs[i, r["target"]]) for i, r in enumerate(rows)],
+                               [r["target_prob"] for r in rows], rtol=1e-4, atol=1e-6)
+    maps = torch.from_numpy(np.stack([decode_heatmap(r["heatmap"]) for r in rows]))
+    again = l2r.score(target, images, maps, targets=[r["target"] for r in rows])
+    np.testing.assert_allclose(again["deletion_auc"].numpy(), [r["deletion_auc"] for r in rows], atol=1e-5)
+    np.testing.assert_allclose(again["insertion_auc"].numpy(), [r["insertion_auc"] for r in rows], atol=1e-5)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["target"]["background_logit"] and manifest["target"]["num_classes"] == 1000
+    assert manifest["target"]["weights_sha256"] == target.weights_sha256
+
+
+# ---------------------------------------------------------------- a timm model from a weight file
+
+
+SIZE, SPEC, KWARGS = 16, "timm:test_resnet", {"num_classes": 10}
+
+
+@pytest.fixture(scope="module")
+def timm_weights(tmp_path_factory):
+    """A timm model as a user would have it: trained somewhere, saved to a file."""
+    root = tmp_path_factory.mktemp("timm")
+    torch.manual_seed(3)
+    source = build_target(SPEC, model_kwargs=KWARGS, random_init=True, input_size=SIZE)
+    torch.save({"model": source.net.state_dict()}, root / "weights.pth")
+    shards = make_shards(str(root / "shards"), synthetic=6, size=SIZE, max_count=6, progress=False)
+    return {"root": root, "source": source, "file": str(root / "weights.pth"), "shards": shards}
+
+
+def source_probs(timm_weights, rows):
+    from pipeline.data import iter_shard
+    from l2r.images import to_tensor
+
+    images = {r["key"]: r["image"] for url in timm_weights["shards"] for r in iter_shard(url, SIZE)}
+    x = to_tensor(np.stack([images[r["key"]] for r in rows]))
+    with torch.no_grad():
+        return timm_weights["source"](x)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_timm_checkpoint_file_explains_the_source_model(ray_local, s3_server, timm_weights, tmp_path, where,
+                                                         monkeypatch):
+    checkpoint, options = timm_weights["file"], None
+    if where == "s3":
+        fs, options = s3_server
+        fs.mkdir("weights")
+        fs.put(checkpoint, "weights/model.pth")
+        checkpoint = "s3://weights/model.pth"
+        monkeypatch.setenv("L2R_CACHE", str(tmp_path / "cache"))
+    config = att.AttributeConfig(shards=timm_weights["shards"], output=str(tmp_path / "out"), target=SPEC,
+                                 checkpoint=checkpoint, model_kwargs=KWARGS, input_size=(SIZE, SIZE),
+                                 methods=("random",), actors=1, batch_size=6, storage_options=options)
+    att.run_attribution(config, log=lambda line: None)
+    rows = att.read_results(str(tmp_path / "out")).to_pylist()
+    probs = source_probs(timm_weights, rows)
+    assert [r["pred"] for r in rows] == probs.argmax(1).tolist()
+    np.testing.assert_allclose([r["pred_prob"] for r in rows], probs.max(1).values.numpy(), rtol=1e-5, atol=1e-7)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["target"]["weight_source"] == "checkpoint"
+    assert manifest["target"]["weights_sha256"] == timm_weights["source"].weights_sha256
+
+    # The training job builds its target from the same record: the same weights.
+    cfg = C.load_config(None, [f"target.spec={SPEC}", f"target.checkpoint={checkpoint}", "target.input_size=16",
+                               "target.kwargs={num_classes: 10}"])
+    if where == "s3":  # training reads URLs with the environment's credentials, as on a cluster
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", options["key"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", options["secret"])
+        monkeypatch.setenv("AWS_ENDPOINT_URL", options["client_kwargs"]["endpoint_url"])
+        monkeypatch.setenv("L2R_CACHE", str(tmp_path / "train-cache"))
+    target, record = T.make_target(cfg)
+    assert record.weights_sha256 == timm_weights["source"].weights_sha256
+    x = torch.rand(2, 3, SIZE, SIZE)
+    assert torch.equal(target(x), timm_weights["source"](x))
+
+
+@pytest.mark.slow
+def test_job_refuses_an_explainer_trained_for_another_target(ray_local, timm_weights, tmp_path):
+    from l2r.artifact import save_artifact
+    from l2r.explainer import build_explainer
+    from l2r.target_record import TargetRecord
+
+    record = TargetRecord(SPEC, checkpoint=timm_weights["file"], kwargs=KWARGS, input_size=(SIZE, SIZE))
+    explainer = build_explainer({"backbone": "target", "layers": ["layer1"], "dim": 8, "head_dim": 8},
+                                target=record.build())
+    save_artifact(tmp_path / "explainer", explainer, record)
+    torch.manual_seed(4)
+    other = build_target(SPEC, model_kwargs=KWARGS, random_init=True, input_size=SIZE)
+    torch.save(other.net.state_dict(), tmp_path / "other.pth")
+    settings = dict(shards=timm_weights["shards"], target=SPEC, checkpoint=str(tmp_path / "other.pth"),
+                    model_kwargs=KWARGS, input_size=(SIZE, SIZE), explainer=str(tmp_path / "explainer"),
+                    methods=("l2r",), actors=1, batch_size=6)
+    with pytest.raises(TargetMismatchError, match=r"trained for target timm:test_resnet.*other\.pth"):
+        att.run_attribution(att.AttributeConfig(output=str(tmp_path / "refused"), **settings), log=lambda line: None)
+    assert not (tmp_path / "refused" / "manifest.json").exists()  # refused before any output
+    lines = []
+    att.run_attribution(att.AttributeConfig(output=str(tmp_path / "out"), allow_target_mismatch=True, **settings),
+                        log=lines.append)
+    assert any("allow_target_mismatch" in line and "weights sha256" in line for line in lines)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["identity"]["allow_target_mismatch"] is True
