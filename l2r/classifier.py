@@ -243,6 +243,7 @@ def build_target(
     input_size: Sequence[int] | int | None = None,
     class_names: Sequence[str] | None = None,
     background_logit: bool = False,
+    init_seed: int = 0,
 ) -> TargetModel:
     """Build the frozen target model from a spec (see the module docstring).
 
@@ -250,6 +251,9 @@ def build_target(
     `random_init` is given, and take their preprocessing from timm's pretrained config unless
     `mean`, `std`, `input_size` are given; a user's model needs `input_size` (mean/std default
     to ImageNet's). `checkpoint` is a local file here (`l2r.target_record.fetch` brings URLs).
+    
+    The network is constructed under its own RNG seeded with `init_seed`, so that weights that do
+    not come from a file (random_init, a user's constructor) are the same in every process.
     """
     kwargs = dict(model_kwargs or {})
     if checkpoint is not None and not Path(checkpoint).is_file():
@@ -261,7 +265,9 @@ def build_target(
         import timm
 
         name = spec[len("timm:"):]
-        net = _create_timm_target(name, pretrained=not random_init and checkpoint is None, kwargs=kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            net = _create_timm_target(name, pretrained=not random_init and checkpoint is None, kwargs=kwargs)
         if checkpoint is not None:
             load_checkpoint(net, checkpoint)
         data_cfg = timm.data.resolve_data_config({}, model=net)
@@ -274,7 +280,10 @@ def build_target(
         if class_names is None:
             class_names = _timm_class_names(net, num_classes)
     else:
-        net = import_callable(spec)(**kwargs)
+        constructor = import_callable(spec)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            net = constructor(**kwargs)
         if not isinstance(net, nn.Module):
             raise TypeError(f"model spec {spec!r} returned {type(net).__name__}, not an nn.Module")
         if checkpoint is not None:

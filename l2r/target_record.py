@@ -39,6 +39,7 @@ class TargetRecord:
     spec: str  # timm:NAME or package.module:callable (or path/to/file.py:callable)
     checkpoint: str | None = None  # weight file: local path or fsspec URL
     random_init: bool = False  # build with random weights, on purpose
+    init_seed: int = 0  # seeds the construction: weights not read from a file are the same everywhere
     kwargs: dict = field(default_factory=dict)  # model constructor kwargs
     mean: tuple[float, ...] | None = None  # None: timm's pretrained config, else ImageNet's
     std: tuple[float, ...] | None = None
@@ -88,6 +89,7 @@ class TargetRecord:
             input_size=self.input_size,
             class_names=self.class_names,
             background_logit=self.background_logit,
+            init_seed=self.init_seed,
         )
         self.mean = tuple(float(v) for v in target.mean.tolist())
         self.std = tuple(float(v) for v in target.std.tolist())

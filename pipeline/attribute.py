@@ -108,6 +108,7 @@ class AttributeConfig:
     target: str | None = None  # model spec: timm:NAME or package.module:callable; None: the explainer's
     checkpoint: str | None = None  # weight file, local or fsspec URL (timm: replaces the pretrained weights)
     random_init: bool = False  # explain an untrained model on purpose (recorded, warned about)
+    init_seed: int = 0  # seeds the model's construction (weights not read from a file)
     background_logit: bool = False  # the model's logit 0 is a background class: dropped
     model_kwargs: dict = field(default_factory=dict)
     mean: tuple[float, ...] | None = None
@@ -173,6 +174,7 @@ class AttributeConfig:
         self.target = recorded.spec
         self.checkpoint = recorded.checkpoint
         self.random_init = recorded.random_init
+        self.init_seed = recorded.init_seed
         self.background_logit = recorded.background_logit
         self.model_kwargs = dict(recorded.kwargs)
         self.mean, self.std, self.input_size = recorded.mean, recorded.std, recorded.input_size
@@ -186,8 +188,9 @@ class AttributeConfig:
         if checkpoint and "://" not in str(checkpoint):
             checkpoint = os.path.abspath(checkpoint)  # actors may run in another directory
         return TargetRecord(spec=self.target, checkpoint=checkpoint, random_init=self.random_init,
-                            kwargs=self.model_kwargs, mean=self.mean, std=self.std, input_size=self.input_size,
-                            crop_pct=self.crop_pct, background_logit=self.background_logit)
+                            init_seed=self.init_seed, kwargs=self.model_kwargs, mean=self.mean, std=self.std,
+                            input_size=self.input_size, crop_pct=self.crop_pct,
+                            background_logit=self.background_logit)
 
     @property
     def protocol(self) -> Protocol:

@@ -40,6 +40,7 @@ DEFAULTS: dict = {
         "checkpoint": None,  # weight file (local path or URL)
         "kwargs": {},
         "random_init": False,  # explicit untrained weights (timm:NAME otherwise means pretrained)
+        "init_seed": 0,  # seeds the model's construction (weights not read from a file)
         "background_logit": False,  # logit 0 is a background class (TensorFlow ImageNet models): dropped
         "mean": None,
         "std": None,

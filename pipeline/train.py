@@ -84,7 +84,8 @@ def target_record(config: dict) -> TargetRecord:
     """The training target as a `TargetRecord` (the same record the artifact and attribution use)."""
     tcfg = config["target"]
     return TargetRecord(
-        spec=tcfg["spec"], checkpoint=tcfg["checkpoint"], random_init=bool(tcfg["random_init"]), kwargs=tcfg["kwargs"],
+        spec=tcfg["spec"], checkpoint=tcfg["checkpoint"], random_init=bool(tcfg["random_init"]),
+        init_seed=int(tcfg["init_seed"]), kwargs=tcfg["kwargs"],
         mean=tcfg["mean"], std=tcfg["std"], input_size=tcfg["input_size"], crop_pct=config["data"]["crop_pct"],
         background_logit=bool(tcfg["background_logit"]), class_names=tcfg["class_names"],
     )

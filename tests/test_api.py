@@ -20,8 +20,7 @@ KWARGS = {"blocks_per_stage": 1, "num_classes": 10}
 
 def make_artifact(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     """A user's small model saved to a file, and an (untrained) explainer artifact for it."""
-    torch.manual_seed(seed)
-    net = build_target(SPEC, model_kwargs=KWARGS, input_size=32).net
+    net = build_target(SPEC, model_kwargs=KWARGS, input_size=32, init_seed=seed).net
     weights = folder / f"target-{seed}.pt"
     torch.save(net.state_dict(), weights)
     record = TargetRecord(SPEC, checkpoint=str(weights), kwargs=KWARGS, input_size=(32, 32))
@@ -114,7 +113,6 @@ def test_timm_name_means_pretrained_and_unreachable_weights_are_a_clear_error(mo
 def test_weights_hash_identifies_weights_not_files(tmp_path):
     a, _ = make_artifact(tmp_path)
     rec = l2r.load(a).record
-    torch.manual_seed(0)
     net = build_target(SPEC, model_kwargs=KWARGS, input_size=32).net
     torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "wrapped.pth")
     again = TargetRecord(SPEC, checkpoint=str(tmp_path / "wrapped.pth"), kwargs=KWARGS, input_size=(32, 32))

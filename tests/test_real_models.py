@@ -86,8 +86,7 @@ SIZE, SPEC, KWARGS = 16, "timm:test_resnet", {"num_classes": 10}
 def timm_weights(tmp_path_factory):
     """A timm model as a user would have it: trained somewhere, saved to a file."""
     root = tmp_path_factory.mktemp("timm")
-    torch.manual_seed(3)
-    source = build_target(SPEC, model_kwargs=KWARGS, random_init=True, input_size=SIZE)
+    source = build_target(SPEC, model_kwargs=KWARGS, random_init=True, input_size=SIZE, init_seed=3)
     torch.save({"model": source.net.state_dict()}, root / "weights.pth")
     shards = make_shards(str(root / "shards"), synthetic=6, size=SIZE, max_count=6, progress=False)
     return {"root": root, "source": source, "file": str(root / "weights.pth"), "shards": shards}
@@ -150,8 +149,7 @@ def test_job_refuses_an_explainer_trained_for_another_target(ray_local, timm_wei
     explainer = build_explainer({"backbone": "target", "layers": ["layer1"], "dim": 8, "head_dim": 8},
                                 target=record.build())
     save_artifact(tmp_path / "explainer", explainer, record)
-    torch.manual_seed(4)
-    other = build_target(SPEC, model_kwargs=KWARGS, random_init=True, input_size=SIZE)
+    other = build_target(SPEC, model_kwargs=KWARGS, random_init=True, input_size=SIZE, init_seed=4)
     torch.save(other.net.state_dict(), tmp_path / "other.pth")
     settings = dict(shards=timm_weights["shards"], target=SPEC, checkpoint=str(tmp_path / "other.pth"),
                     model_kwargs=KWARGS, input_size=(SIZE, SIZE), explainer=str(tmp_path / "explainer"),
