@@ -234,6 +234,15 @@ def _fmt_seconds(value) -> str:
     return "-" if value is None else f"{value:.2e}"
 
 
+def _weights_line(target: dict) -> str:
+    """Where the explained model's weights came from, from the target record in the manifest."""
+    source = target.get("weight_source", "?")
+    where = {"checkpoint": f"checkpoint {target.get('checkpoint')}", "timm-pretrained": "timm pretrained weights",
+             "random": "RANDOM weights (random_init): an untrained model", "constructor": "the constructor's weights"}
+    sha = target.get("weights_sha256")
+    return where.get(source, source) + (f", weights sha256 {sha[:12]}" if sha else "")
+
+
 def markdown_table(methods: dict, level: float = 0.95) -> str:
     header, cells = table_rows(methods, level)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
@@ -440,7 +449,7 @@ def render_html(report: dict, gallery_data: dict) -> str:
     target = report.get("target") or {}
     meta = [
         f"results: <span class=key>{_e(report['results'])}</span>",
-        f"target: {_e(target.get('spec', '?'))} (checkpoint sha256 {_e(str(target.get('checksum'))[:12])})",
+        f"target: {_e(target.get('spec', '?'))} ({_e(_weights_line(target))})",
         f"protocol: {_e(protocol.get('steps', '?'))} steps, reference {_e(protocol.get('reference', '?'))}, "
         f"target class {_e(protocol.get('target', '?'))}",
         f"bootstrap: {report['bootstrap']['resamples']} resamples over images, seed {report['bootstrap']['seed']}",
