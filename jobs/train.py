@@ -34,10 +34,12 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, help="images per worker per step (train.batch_size)")
     parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (train.checkpoint_every)")
     parser.add_argument("--val-every", type=int, help="steps between exact held-out AUCs (val.every)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="Ray's own INFO lines too (also L2R_LOG_LEVEL=debug); default: warnings and errors")
     args = parser.parse_args(argv)
     flags = {k: getattr(args, k) for k in ("name", "workers", "gpus", "storage", "steps", "batch_size",
                                            "checkpoint_every", "val_every")}
-    run(load_config(args.config, args.sets, flags))
+    run(load_config(args.config, args.sets, flags), ray_logs=args.verbose)
 
 
 if __name__ == "__main__":

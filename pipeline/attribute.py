@@ -55,6 +55,7 @@ import numpy as np
 import pyarrow as pa
 
 from l2r.metrics import Protocol
+from pipeline.progress import Progress
 
 EXPLAINER_METHOD = "l2r"
 PARQUET_DIR = "parquet"
@@ -880,8 +881,9 @@ def run_attribution(config: AttributeConfig, filesystem=None, output_filesystem=
         ds.context.execution_options.preserve_order = True  # shard i is complete when shard i+1 starts
         ds.context.enable_progress_bars = config.ray_progress_bars
         order = {url: i for i, url in enumerate(todo)}
-        state = {"current": 0, "writer": None, "stats": None, "t0": time.perf_counter(), "last_log": time.perf_counter(),
-                 "committed": 0}
+        state = {"current": 0, "writer": None, "stats": None, "t0": time.perf_counter(), "committed": 0}
+        # The total is estimated from the shards finished so far (shard sizes are not known up front).
+        progress = Progress("attribute", None, "images", interval=config.progress_interval, log=log)
 
         def finish_current():
             i = state["current"]
@@ -899,6 +901,7 @@ def run_attribution(config: AttributeConfig, filesystem=None, output_filesystem=
                 f"run: {run_stats.images} images in {elapsed:.1f} s ({run_stats.images / max(elapsed, 1e-9):.1f} images/s)")
             state.update(current=i + 1, writer=None, stats=None, t0=time.perf_counter())
             state["committed"] += 1
+            progress.total = round(run_stats.images / state["committed"] * len(todo))
             if _fail_after_shards is not None and state["committed"] >= _fail_after_shards:
                 raise RuntimeError(f"test hook: failing after {state['committed']} shards")
 
@@ -919,13 +922,11 @@ def run_attribution(config: AttributeConfig, filesystem=None, output_filesystem=
                     state["writer"].write(part)
                     state["stats"].add_table(part)
                     run_stats.add_table(part)
-                    now = time.perf_counter()
-                    if now - state["last_log"] >= config.progress_interval:
-                        state["last_log"] = now
-                        log(f"  ... {names[source]}: {state['stats'].images} images so far; "
-                            f"run total {run_stats.images} images, {run_stats.images / (now - run_started):.1f} images/s")
+                    progress.update(run_stats.images, errors=run_stats.errors,
+                                    shard=f"{state['current'] + 1}/{len(todo)}")
             while state["current"] < len(todo):
                 finish_current()
+            progress.update(run_stats.images, force=True, errors=run_stats.errors, shard=f"{len(todo)}/{len(todo)}")
         except BaseException:
             if state["writer"] is not None:
                 state["writer"].abort()

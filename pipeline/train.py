@@ -50,8 +50,11 @@ from l2r.metrics import deletion_insertion
 from l2r.objective import ObjectiveConfig, objective_backward
 from l2r.target_record import TargetRecord
 from pipeline.config import dump_config
+from pipeline.progress import (Progress, quiet_ray_data, quiet_train_reports, ray_init_kwargs, train_logging_config,
+                               verbose_requested)
 
 STATE_FILE = "state.pt"
+PROGRESS_FILE = "progress.json"  # the latest report, read by the driver's progress line
 
 
 # ---------------------------------------------------------------- schedule
@@ -212,6 +215,8 @@ def train_loop_per_worker(config: dict) -> None:
     for path in config.get("import_paths", []):  # user model specs (package.module:callable)
         if path not in sys.path:
             sys.path.insert(0, path)
+    if not config.get("ray_logs"):
+        quiet_train_reports()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -306,6 +311,7 @@ def train_loop_per_worker(config: dict) -> None:
                 write_artifact(unwrap(explainer), record, config, step)
             if rank == 0:
                 append_metrics(config["run_dir"], metrics)
+                _write_text(f"{config['run_dir']}/{PROGRESS_FILE}", json.dumps({**metrics, "total": total}))
             ray.train.report(metrics, checkpoint=ckpt)
             if ckpt_dir:
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -430,7 +436,8 @@ def fit_target(config: dict, urls: list[str]) -> str:
                     if row["error"] is None and row["label"] >= 0:
                         yield row
 
-    stream, started = rows(), time.perf_counter()
+    stream = rows()
+    progress = Progress("fit target", tcfg["fit_steps"], "step", interval=10.0)
     for step in range(tcfg["fit_steps"]):
         chunk = [next(stream) for _ in range(tcfg["fit_batch_size"])]
         images = to_tensor(np.stack([r["image"] for r in chunk]))
@@ -442,9 +449,8 @@ def fit_target(config: dict, urls: list[str]) -> str:
         loss.backward()
         optimizer.step()
         schedule.step()
-        if (step + 1) % 50 == 0 or step + 1 == tcfg["fit_steps"]:
-            print(f"fit target: step {step + 1}/{tcfg['fit_steps']} loss {loss.item():.3f} "
-                  f"({time.perf_counter() - started:.0f}s)", flush=True)
+        progress.update(step + 1, loss=loss.item())
+    progress.close()
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(net.state_dict(), f"{tmp}/target.pt")
         fs.makedirs(fs._parent(path), exist_ok=True)
@@ -461,8 +467,65 @@ def _write_text(url: str, text: str) -> None:
         f.write(text)
 
 
-def run(config: dict, verbose: bool = True) -> str:
-    """Train an explainer as configured (see pipeline.config); returns the artifact's location."""
+class ProgressWatcher:
+    """The driver's progress line: polls the progress file rank 0 writes at every report."""
+
+    FIELDS = {"loss": "loss", "auc_desc": "soft del", "auc_asc": "soft ins", "val_deletion_auc": "val del",
+              "val_insertion_auc": "val ins", "images_per_s": "img/s"}
+
+    def __init__(self, url: str, total: int, poll_seconds: float = 1.0):
+        import threading
+
+        self.url, self.poll_seconds = url, poll_seconds
+        self.progress = Progress("train", total, "step", interval=30.0)
+        self.seen = None
+        self.stopped = threading.Event()
+        self._remove_stale()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _remove_stale(self):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(self.url)
+        if fs.exists(path):
+            fs.rm(path)  # a resumed run's old file would look like progress
+
+    def _read(self) -> dict | None:
+        import fsspec
+
+        try:
+            with fsspec.open(self.url, "r") as f:
+                return json.loads(f.read())
+        except (FileNotFoundError, ValueError, OSError):
+            return None
+
+    def _watch(self):
+        while not self.stopped.wait(self.poll_seconds):
+            self._show()
+
+    def _show(self):
+        report = self._read()
+        if report is None or report.get("step") == self.seen:
+            return
+        self.seen = report["step"]
+        fields = {label: report.get(key) for key, label in self.FIELDS.items()}
+        fields["img/s"] = round(fields["img/s"], 1) if fields["img/s"] is not None else None
+        self.progress.update(report["step"], force="val_deletion_auc" in report, **fields)
+
+    def stop(self):
+        self.stopped.set()
+        self.thread.join(timeout=5)
+        self._show()
+        self.progress.close()
+
+
+def run(config: dict, verbose: bool = True, ray_logs: bool = False) -> str:
+    """Train an explainer as configured (see pipeline.config); returns the artifact's location.
+
+    `verbose`: print the resolved config, a progress line and the outcome; `ray_logs`: Ray's own
+    INFO lines too (off by default, see `pipeline.progress`).
+    """
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -472,7 +535,8 @@ def run(config: dict, verbose: bool = True) -> str:
     config = dict(config)
     if verbose:
         print("resolved config:\n" + dump_config(config), flush=True)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    if not verbose_requested(ray_logs):
+        quiet_ray_data()
     storage = config["run"]["storage"].rstrip("/")
     config["run_dir"] = f"{storage}/{config['name']}"
     # User model specs import from the launch directory (the uploaded working dir under `ray job submit`).
@@ -496,15 +560,18 @@ def run(config: dict, verbose: bool = True) -> str:
               f"target checkpoint: {config['target']['checkpoint']}", flush=True)
     _write_text(f"{config['run_dir']}/config.yaml", dump_config(config))
 
+    config["ray_logs"] = verbose_requested(ray_logs)
     dcfg, rcfg = config["data"], config["run"]
     needed = rcfg["workers"] * rcfg["cpus_per_worker"] + dcfg["read_cpus"]
     if not ray.is_initialized():
         # A new local Ray declares enough logical CPUs for the workers plus a reader, or Ray Data
         # waits forever for a CPU the trainers hold. Under `ray job submit` (RAY_ADDRESS) it joins.
+        logging = ray_init_kwargs(ray_logs)
         try:
-            ray.init(**({} if "RAY_ADDRESS" in os.environ else {"num_cpus": max(os.cpu_count() or 1, math.ceil(needed))}))
+            ray.init(**logging, **({} if "RAY_ADDRESS" in os.environ
+                                   else {"num_cpus": max(os.cpu_count() or 1, math.ceil(needed))}))
         except ValueError:  # found a running local cluster: num_cpus is not ours to set
-            ray.init()
+            ray.init(**logging)
     if ray.cluster_resources().get("CPU", 0) < needed:
         print(f"warning: the cluster has {ray.cluster_resources().get('CPU', 0)} CPUs; workers and one reader "
               f"need {needed} (reading may stall unless it scales up)", flush=True)
@@ -525,12 +592,18 @@ def run(config: dict, verbose: bool = True) -> str:
         storage_path=storage,
         failure_config=ray.train.FailureConfig(max_failures=rcfg["max_failures"]),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config["train"]["keep_checkpoints"]),
+        logging_config=train_logging_config(ray_logs),
     )
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=config, scaling_config=scaling, run_config=run_config,
         datasets={"train": ds},
     )
-    result = trainer.fit()
+    watcher = ProgressWatcher(f"{config['run_dir']}/{PROGRESS_FILE}", config["train"]["steps"]) if verbose else None
+    try:
+        result = trainer.fit()
+    finally:
+        if watcher is not None:
+            watcher.stop()
     artifact = f"{config['run_dir']}/explainer"
     if verbose:
         if result.metrics:

@@ -14,7 +14,6 @@ import torch
 import l2r
 from l2r.classifier import build_target
 from l2r.images import decode_heatmap
-from l2r.metrics import deletion_insertion
 from l2r.target_record import TargetMismatchError
 from pipeline import attribute as att
 from pipeline import config as C
