@@ -55,7 +55,7 @@ import numpy as np
 import pyarrow as pa
 
 from l2r.metrics import Protocol
-from pipeline.progress import Progress
+from pipeline.progress import Progress, quiet_ray_data
 
 EXPLAINER_METHOD = "l2r"
 PARQUET_DIR = "parquet"
@@ -830,6 +830,7 @@ def run_attribution(config: AttributeConfig, filesystem=None, output_filesystem=
 
     if not ray.is_initialized():
         ray.init(address=config.address, log_to_driver=False, logging_level="ERROR")
+    quiet_ray_data()
     plan = _cluster_plan(config)
     manifest = {
         "manifest_version": MANIFEST_VERSION,

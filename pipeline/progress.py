@@ -47,9 +47,12 @@ def quiet_ray_data() -> None:
     """Ray Data's own progress bars and execution-plan lines off (the jobs print their own progress)."""
     import ray
 
+    import logging
+
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # in this process ("Progress bars disabled", ...)
 
 
 def quiet_train_reports() -> None:
