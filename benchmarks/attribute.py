@@ -47,8 +47,9 @@ SPEC = "benchmarks.resnet20:resnet20"
 MEAN, STD, SIZE = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 32
 
 
-def subset_shards(spec: str, images: int, shard_size: int, folder: Path) -> list[str]:
-    """Copy the first `images` samples of the shards into shards of `shard_size` (bytes unchanged)."""
+def subset_shards(spec: str, images: int, shard_size: int, folder: Path, repeat: int = 1) -> list[str]:
+    """Copy the first `images` samples of the shards into shards of `shard_size` (bytes unchanged),
+    `repeat` times over (copies get new keys: enough images for a steady state from little data)."""
     from pipeline.data import expand_urls
 
     paths, out, count, current, members_in_sample = [], None, 0, None, []
@@ -83,6 +84,16 @@ def subset_shards(spec: str, images: int, shard_size: int, folder: Path) -> list
     if members_in_sample and count < images:
         flush(members_in_sample)
     out.close()
+    originals = list(paths)
+    for copy in range(1, repeat):
+        for source in originals:
+            paths.append(str(folder / f"bench-{len(paths):04d}.tar"))
+            with tarfile.open(source) as src, tarfile.open(paths[-1], "w") as dst:
+                for info in src:
+                    data = src.extractfile(info).read()
+                    key, rest = info.name.split(".", 1)
+                    info.name = f"{key}_r{copy}.{rest}"
+                    dst.addfile(info, io.BytesIO(data))
     return paths
 
 
@@ -167,6 +178,7 @@ def main(argv=None):
     p.add_argument("--checkpoint", default=str(CHECKPOINT))
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--shard-size", type=int, default=500)
+    p.add_argument("--repeat", type=int, default=1, help="copies of the image subset (a GPU needs many images)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--actors", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch threads per actor")
@@ -195,7 +207,7 @@ def main(argv=None):
     forward_batch = args.forward_batch or (1024 if gpu else 128)
     device = torch.device(args.device)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="l2r-bench-attr-"))
-    shards = subset_shards(args.shards, args.images, args.shard_size, work / "shards")
+    shards = subset_shards(args.shards, args.images, args.shard_size, work / "shards", args.repeat)
 
     torch.manual_seed(0)
     target = build_target(SPEC, checkpoint=args.checkpoint, mean=MEAN, std=STD, input_size=(SIZE, SIZE))
