@@ -3,8 +3,8 @@
 #   1. the attribution job with a GPU actor (ResNet-20 target, untrained explainer, methods
 #      l2r,gradcam,saliency,random) in fp32, a rerun that must skip every shard, then the same
 #      job in bf16: AUCs compared per image against fp32;
-#   2. benchmarks/attribute.py --device cuda, fp32 and bf16 (images/s, fraction of the fp32
-#      eager forward bound, speedup over a per-image loop);
+#   2. benchmarks/attribute.py --device cuda, fp32 and bf16, on IMAGES x REPEAT images (images/s,
+#      fraction of the fp32 eager forward bound, speedup over a per-image loop);
 #   3. the training job, config `cifar10` unmodified but for data paths, on one GPU for
 #      $TRAIN_STEPS steps (s/step, images/s, exact held-out AUCs).
 # Each stage has its own time limit; a failed stage is reported and the next one still runs.
@@ -25,6 +25,7 @@ OUT=${OUT:-$(mktemp -d)}      # logs (8 files at most: what a device run brings 
 WORK=${WORK:-$(mktemp -d)}    # artifacts, Parquet, checkpoints
 IMAGES=${IMAGES:-2500}
 TRAIN_STEPS=${TRAIN_STEPS:-300}
+REPEAT=${REPEAT:-16}          # the benchmark's images = IMAGES x REPEAT (a GPU needs many for a steady state)
 mkdir -p "$OUT" "$WORK"
 DATA=$(cd "$DATA" && pwd); CKPT=$(realpath "$CKPT")
 
@@ -88,7 +89,7 @@ EOF
 
 for p in fp32 bf16; do
   stage bench_$p 90 $PY benchmarks/attribute.py --device cuda --shards "$DATA/test-0000.tar" --checkpoint "$CKPT" \
-      --images "$IMAGES" --shard-size 1250 --precision $p --workdir "$WORK/bench_$p"
+      --images "$IMAGES" --repeat "$REPEAT" --shard-size 2500 --precision $p --naive-images 50 --workdir "$WORK/bench_$p"
 done
 
 stage train 180 $PY jobs/train.py --config jobs/configs/cifar10.yaml --gpus --steps "$TRAIN_STEPS" \
