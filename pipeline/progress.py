@@ -105,6 +105,8 @@ class Progress:
     def eta(self, done: float) -> float | None:
         if self.total is None or self.first is None:
             return None
+        if done >= self.total:
+            return 0.0
         t0, d0 = self.first
         elapsed, progressed = time.perf_counter() - t0, done - d0
         if progressed <= 0 or elapsed <= 0:
