@@ -37,6 +37,7 @@ only when a method needs them.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn as nn
@@ -185,7 +186,11 @@ def _vit_blocks(net: nn.Module):
     return blocks
 
 
-def _cnn_target_layer(model: nn.Module) -> nn.Module:
+# The probed default layer per model and input size, so the probe forward runs once, not per batch.
+_DEFAULT_CAM_LAYER: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _cnn_target_layer(model: nn.Module, images: torch.Tensor) -> nn.Module:
     net = getattr(model, "net", model)
     if _vit_blocks(net) is not None:
         raise ValueError(f"gradcam needs a CNN but {_model_name(model)} is a ViT; use 'vit_cam'")
@@ -199,10 +204,34 @@ def _cnn_target_layer(model: nn.Module) -> nn.Module:
                 return net.get_submodule(name)
             except AttributeError:
                 pass
+    # Otherwise the last conv, in the order the forward runs it, whose output is still a spatial
+    # map. A head conv after global pooling (MobileNetV1's 1x1 classifier) would give every image
+    # the same constant map, so it is measured out with one probe forward, not guessed by name.
+    size = tuple(images.shape[-2:])
+    chosen = _DEFAULT_CAM_LAYER.setdefault(model, {})
+    if size in chosen:
+        return chosen[size]
+    spatial: list[nn.Module] = []
+
+    def record(module, _inputs, output):
+        if output.dim() == 4 and output.shape[-2] * output.shape[-1] > 1:
+            spatial.append(module)
+
     convs = [module for module in net.modules() if isinstance(module, nn.Conv2d)]
     if not convs:
         raise ValueError(f"gradcam needs a convolutional layer; {_model_name(model)} has none")
-    return convs[-1]
+    hooks = [conv.register_forward_hook(record) for conv in convs]
+    try:
+        with torch.no_grad():
+            model(images[:1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not spatial:
+        raise ValueError(f"gradcam needs a convolutional layer with a spatial output; every conv of "
+                         f"{_model_name(model)} outputs 1x1 at this input size; pass target_layer")
+    chosen[size] = spatial[-1]
+    return spatial[-1]
 
 
 class _LogitsModule(nn.Module):
@@ -241,7 +270,7 @@ def _run_grad_cam(model, images, targets, target_layer, reshape_transform, outpu
 
 
 def _gradcam(model, images, targets, output, target_layer=None):
-    layer = target_layer if target_layer is not None else _cnn_target_layer(model)
+    layer = target_layer if target_layer is not None else _cnn_target_layer(model, images)
     if isinstance(layer, str):
         layer = model.net.get_submodule(layer)
     return _run_grad_cam(model, images, targets, layer, None, output)

@@ -75,6 +75,22 @@ def test_mobilenet_attribution_rescores_exactly_and_matches_the_notebook_api(ray
     assert manifest["target"]["weights_sha256"] == target.weights_sha256
 
 
+def test_gradcam_default_layer_is_the_last_spatial_conv_not_the_pooled_head(imagenet_few):
+    """MobileNetV1's last conv is its 1x1 classifier on the pooled map: Grad-CAM there is constant."""
+    from l2r.baselines import attribute
+
+    _, samples = imagenet_few
+    target = l2r.load_target(MOBILENET["target"], **{k: v for k, v in MOBILENET.items() if k != "target"})
+    images = l2r.preprocess(target, [samples[key]["jpg"] for key in KEYS])
+    targets = target(images).argmax(1)
+    default, _ = attribute("gradcam", target, images, targets)
+    named, _ = attribute("gradcam", target, images, targets, target_layer="features.26.conv")
+    assert torch.allclose(default, named, atol=1e-6)
+    for cam in default:
+        assert cam.std() > 0.05, "a constant map: Grad-CAM ran on a layer without spatial extent"
+    assert not torch.allclose(default[0], default[1], atol=1e-3)
+
+
 # ---------------------------------------------------------------- a timm model from a weight file
 
 
