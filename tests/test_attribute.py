@@ -304,3 +304,17 @@ def test_s3_round_trip(ray_local, assets, s3_endpoint):
     assert nolabel and all(r["error"].startswith("missing label") for r in nolabel)
     again = main(args)  # a rerun finds everything done
     assert again["shards_skipped"] == 2 and again["shards_done"] == 0 and again["images"] == 9
+
+
+@pytest.mark.slow
+def test_one_large_shard_streams_back_in_batches(ray_local, assets, tmp_path):
+    """A shard is not one block: its batches reach the driver (progress, the writer) as they finish."""
+    shard = make_shards(str(tmp_path / "one"), synthetic=12, size=SIZE, max_count=12, progress=False)
+    assert len(shard) == 1
+    lines = []
+    summary = att.run_attribution(config(assets, tmp_path / "out", shards=shard[0], methods="random", batch_size=4,
+                                         actors=2, actor_cpus=0.5, progress_interval=0.0), log=lines.append)
+    assert summary["images"] == 12 and summary["errors"] == 0
+    progress = [line for line in lines if line.startswith("attribute: images ")]
+    counts = [int(line.split()[2].split("/")[0].rstrip(",")) for line in progress]
+    assert {4, 8} <= set(counts), progress  # before the shard was done
