@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pipeline.attribute import AttributeConfig, all_methods, run_attribution  # noqa: E402
+from pipeline.progress import filter_native_stderr  # noqa: E402
 
 
 def _floats(text):
@@ -123,4 +124,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    filter_native_stderr("--verbose" in sys.argv)
     main()

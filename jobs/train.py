@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.train import run  # noqa: E402
+from pipeline.progress import filter_native_stderr  # noqa: E402
 
 
 def main(argv=None):
@@ -43,4 +44,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    filter_native_stderr("--verbose" in sys.argv)
     main()

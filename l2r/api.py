@@ -11,7 +11,9 @@
 - `preprocess(target, images)`: paths, bytes, PIL images or uint8 arrays -> (B,3,H,W) in [0,1],
   with the target's own resize and crop (the jobs' preprocessing);
 - `attribute(method, target, images, targets=None)`: any baseline by name (`l2r.baselines`);
-- `score(target, images, maps, targets=None)`: the exact deletion/insertion protocol.
+- `score(target, images, maps, targets=None)`: the exact deletion/insertion protocol;
+- `report(results)`: the comparison report of an attribution job's output; a notebook shows its
+  one-page picture (mean curves and a gallery).
 `targets=None` everywhere means the target's top-1 prediction.
 """
 
@@ -128,3 +130,33 @@ def load(path, device="cpu", allow_target_mismatch: bool = False, **target_field
                                          "num_classes": None, **target_fields})
     explainer, target, record, metadata = load_artifact(folder, device, record, allow_target_mismatch)
     return TrainedExplainer(explainer, target, record, metadata)
+
+
+class Report:
+    """The report of an attribution output: `methods` (per-method statistics), `markdown`, `png` (the
+    summary picture's bytes, which a notebook displays), `files` (what was written), `summary` (all of it)."""
+
+    def __init__(self, summary: dict):
+        self.summary = summary
+        self.methods, self.markdown, self.png, self.files = (summary["methods"], summary["markdown"],
+                                                             summary["png"], summary["files"])
+
+    def _repr_png_(self) -> bytes:
+        return self.png
+
+    def __repr__(self) -> str:
+        return f"Report({len(self.methods)} methods, written to {self.files['summary.png'].rsplit('/', 1)[0]}/: " \
+               f"{', '.join(name.rsplit('/', 1)[-1] for name in self.files.values())})"
+
+
+def report(results: str, output: str | None = None, gallery: int = 8, storage_options: dict | None = None) -> Report:
+    """Write and return the report of an attribution job's output folder (local or fsspec URL).
+
+    The same report as `jobs/report.py` (summary.md, summary.json, report.html, summary.png in
+    `output`, default `<results>/report`). In a notebook the returned object shows as the picture.
+    """
+    # The jobs' report module: pyarrow and Pillow only, no Ray.
+    from pipeline.report import ReportConfig, write_report
+
+    config = ReportConfig(results=results, output=output, gallery=gallery, storage_options=storage_options)
+    return Report(write_report(config, log=lambda line: None))

@@ -871,8 +871,11 @@ def run_attribution(config: AttributeConfig, filesystem=None, output_filesystem=
         ds = read_shards(todo, target.input_size, crop_pct=config.crop_pct, with_mask=config.with_mask,
                          filesystem=filesystem, num_cpus=config.read_cpus, rows_per_batch=plan["batch_size"])
         # A read task's rows otherwise leave as one block of up to 128 MiB (a whole shard): one actor
-        # would get all of it, and nothing would come back until it was done.
-        ds = ds.repartition(target_num_rows_per_block=plan["batch_size"])
+        # would get all of it, and nothing would come back until it was done. Blocks of about one
+        # batch of decoded images (uint8 image, bool mask) stream instead. (A repartition would do it
+        # too, but its tasks ask for a whole CPU that the actors may hold: a deadlock on small machines.)
+        height, width = target.input_size
+        ds.context.target_max_block_size = plan["batch_size"] * height * width * 4
         ds = ds.map_batches(
             AttributionWorker,
             compute=ray.data.ActorPoolStrategy(size=plan["actors"]),

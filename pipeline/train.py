@@ -520,6 +520,37 @@ class ProgressWatcher:
         self.progress.close()
 
 
+def worker_cpus(run_config: dict, node_cpus: list[float]) -> float:
+    """CPUs (and torch threads) per training worker. "auto": a node's CPUs shared by the workers
+    placed on it, so a lone worker gets every core of its machine."""
+    value = run_config["cpus_per_worker"]
+    if value != "auto":
+        if not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"run.cpus_per_worker must be a positive number or 'auto', got {value!r}")
+        return value
+    if not node_cpus:
+        raise ValueError("run.cpus_per_worker=auto: the cluster has no node with CPUs")
+    per_node = math.ceil(run_config["workers"] / len(node_cpus))
+    return max(1, int(max(node_cpus) // per_node))
+
+
+def finished_artifact(config: dict) -> str | None:
+    """The run's artifact if it already holds the last step of this same training, else None."""
+    import fsspec
+
+    artifact = f"{config['run_dir']}/explainer"
+    try:
+        with fsspec.open(f"{artifact}/explainer.json", "r") as f:
+            metadata = json.loads(f.read()).get("metadata", {})
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+    same = (metadata.get("steps") == config["train"]["steps"]
+            and metadata.get("objective") == ObjectiveConfig(**config["objective"]).to_dict()
+            and metadata.get("data") == config["data_identity"]
+            and metadata.get("train") == config["train"])
+    return artifact if same else None
+
+
 def run(config: dict, verbose: bool = True, ray_logs: bool = False) -> str:
     """Train an explainer as configured (see pipeline.config); returns the artifact's location.
 
@@ -558,20 +589,35 @@ def run(config: dict, verbose: bool = True, ray_logs: bool = False) -> str:
     if verbose:
         print(f"training data: {len(train_urls)} shards, sha256 {config['data_identity']['sha256'][:16]}; "
               f"target checkpoint: {config['target']['checkpoint']}", flush=True)
-    _write_text(f"{config['run_dir']}/config.yaml", dump_config(config))
+    finished = finished_artifact(config)
+    if finished is not None:
+        if verbose:
+            print(f"already trained: {finished} holds step {config['train']['steps']} of this run "
+                  f"(a new --name, or more --steps, trains again)", flush=True)
+        return finished
 
     config["ray_logs"] = verbose_requested(ray_logs)
-    dcfg, rcfg = config["data"], config["run"]
-    needed = rcfg["workers"] * rcfg["cpus_per_worker"] + dcfg["read_cpus"]
+    dcfg = config["data"]
+    rcfg = config["run"] = dict(config["run"])
+    resolved = None
     if not ray.is_initialized():
         # A new local Ray declares enough logical CPUs for the workers plus a reader, or Ray Data
         # waits forever for a CPU the trainers hold. Under `ray job submit` (RAY_ADDRESS) it joins.
         logging = ray_init_kwargs(ray_logs)
+        local = worker_cpus(rcfg, [os.cpu_count() or 1])
+        needed = rcfg["workers"] * local + dcfg["read_cpus"]
         try:
             ray.init(**logging, **({} if "RAY_ADDRESS" in os.environ
                                    else {"num_cpus": max(os.cpu_count() or 1, math.ceil(needed))}))
+            resolved = None if "RAY_ADDRESS" in os.environ else local
         except ValueError:  # found a running local cluster: num_cpus is not ours to set
             ray.init(**logging)
+    if resolved is None:  # joined a cluster: "auto" from its nodes (the reader's share is left to it)
+        resolved = worker_cpus(rcfg, [node["Resources"].get("CPU", 0) - dcfg["read_cpus"] for node in ray.nodes()
+                                      if node.get("Alive") and node["Resources"].get("CPU", 0) > 0])
+    rcfg["cpus_per_worker"] = resolved
+    needed = rcfg["workers"] * rcfg["cpus_per_worker"] + dcfg["read_cpus"]
+    _write_text(f"{config['run_dir']}/config.yaml", dump_config(config))
     if ray.cluster_resources().get("CPU", 0) < needed:
         print(f"warning: the cluster has {ray.cluster_resources().get('CPU', 0)} CPUs; workers and one reader "
               f"need {needed} (reading may stall unless it scales up)", flush=True)

@@ -317,4 +317,4 @@ def test_one_large_shard_streams_back_in_batches(ray_local, assets, tmp_path):
     assert summary["images"] == 12 and summary["errors"] == 0
     progress = [line for line in lines if line.startswith("attribute: images ")]
     counts = [int(line.split()[2].split("/")[0].rstrip(",")) for line in progress]
-    assert {4, 8} <= set(counts), progress  # before the shard was done
+    assert len({c for c in counts if c < 12}) >= 2, progress  # parts of the shard, before it was done

@@ -18,6 +18,7 @@ from l2r.classifier import build_target
 from l2r.explainer import build_explainer, save_explainer
 from pipeline import attribute as att
 from pipeline import report as rep
+from pipeline import report_stats
 from pipeline.data import iter_shard
 from pipeline.shards import make_shards
 
@@ -131,7 +132,7 @@ def synthetic_table(n: int, seed: int = 0) -> pa.Table:
 def test_bootstrap_intervals_contain_the_mean_and_shrink_with_more_rows():
     widths = []
     for n in (40, 640):
-        stats = rep.summarize(synthetic_table(n), resamples=500, seed=1)["m"]
+        stats = report_stats.summarize(synthetic_table(n), resamples=500, seed=1)["m"]
         width = 0.0
         for name in ("deletion_auc", "insertion_auc", "difference"):
             low, high = stats[name]["ci"]
@@ -140,7 +141,7 @@ def test_bootstrap_intervals_contain_the_mean_and_shrink_with_more_rows():
         widths.append(width)
         assert stats["pointing_game"] is None and stats["mask_auroc"] is None  # no masks: absent
     assert widths[1] < widths[0] / 2.5  # 16x the rows: about a quarter of the width
-    first, again = (rep.summarize(synthetic_table(40), resamples=500, seed=1)["m"] for _ in range(2))
+    first, again = (report_stats.summarize(synthetic_table(40), resamples=500, seed=1)["m"] for _ in range(2))
     assert first["deletion_auc"]["ci"] == again["deletion_auc"]["ci"]  # seeded
 
 
@@ -150,8 +151,8 @@ def test_html_is_self_contained_with_table_values_and_gallery(results, report):
     assert not re.search(r"""(src|href)=["'](?!data:)""", page)  # every image is a data URI
     for method, m in report["methods"].items():
         for name in ("deletion_auc", "insertion_auc", "difference"):
-            assert rep.fmt(m[name]["mean"]) in page and rep.fmt(m[name]["ci"][0]) in page
-        assert rep.fmt(m["mask_auroc"]["mean"], 3) in page
+            assert report_stats.fmt(m[name]["mean"]) in page and report_stats.fmt(m[name]["ci"][0]) in page
+        assert report_stats.fmt(m["mask_auroc"]["mean"], 3) in page
     entries = report["gallery"]["entries"]
     assert len(entries) == 4 and report["gallery"]["by"] == "l2r"
     # One image, one evidence mask and one overlay per method for every gallery entry.
@@ -188,3 +189,30 @@ def test_report_config_validation(tmp_path):
     att.Output(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="no finished shards"):
         rep.write_report(rep.ReportConfig(results=str(tmp_path / "empty")), log=lambda line: None)
+
+
+def test_summary_png_shows_every_method_curve_and_the_gallery(results, report):
+    from pipeline.report_images import PALETTE
+    from pipeline.report_png import CHART, TILE
+
+    data = Path(report["files"]["summary.png"]).read_bytes()
+    assert data == report["png"]
+    page = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    charts = page[70:70 + CHART[1]]
+    for i, method in enumerate(METHODS):  # each method's curve and legend swatch, in its colour
+        colour = tuple(int(PALETTE[i][k:k + 2], 16) for k in (1, 3, 5))
+        assert (charts == colour).all(-1).sum() > 100, method
+    # The gallery: one row per chosen image (2 best, 2 worst); each tile shows a picture, not a blank.
+    below = page[70 + CHART[1] + 20:]
+    assert below.shape[0] >= 4 * TILE
+    tiles = below[60:60 + TILE, 140:140 + (2 + len(METHODS)) * (TILE + 8)]
+    assert tiles.std() > 10
+
+
+def test_notebook_report_returns_the_picture(results, tmp_path):
+    import l2r
+
+    shown = l2r.report(str(results), output=str(tmp_path / "nb"), gallery=2)
+    assert shown._repr_png_() == (tmp_path / "nb" / "summary.png").read_bytes()
+    assert set(shown.methods) == set(METHODS) and "deletion AUC" in shown.markdown
+    assert "summary.png" in repr(shown)
