@@ -82,7 +82,8 @@ def main(argv=None):
         p.error("--explainer needs --target-checkpoint (the target it was trained for)")
 
     from pipeline.attribute import EXPLAINER_METHOD, AttributeConfig, read_results, run_attribution
-    from pipeline.report import ReportConfig, markdown_table, summarize, write_report
+    from pipeline.report import ReportConfig, write_report
+    from pipeline.report_stats import markdown_table, summarize
     from pipeline.shards import make_shards
 
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731

@@ -65,7 +65,8 @@ def main(argv=None):
 
     from benchmarks.resnet20 import CIFAR10_CLASSES
     from pipeline.attribute import EXPLAINER_METHOD, AttributeConfig, read_results, run_attribution
-    from pipeline.report import ReportConfig, markdown_table, summarize, write_report
+    from pipeline.report import ReportConfig, write_report
+    from pipeline.report_stats import markdown_table, summarize
 
     target = {"target": SPEC, "checkpoint": str(CHECKPOINT), "model_kwargs": {}, "mean": MEAN, "std": STD,
               "input_size": (SIZE, SIZE)}
