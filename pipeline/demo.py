@@ -25,7 +25,9 @@ def run_demo(config: dict, methods=METHODS, ray_logs: bool = False, log=None) ->
     log = log or (lambda line: print(line, flush=True))
     started = time.perf_counter()
     run_dir = f"{config['run']['storage'].rstrip('/')}/{config['name']}"
-    artifact = train.run(config, ray_logs=ray_logs)
+    log(f"demo: synthetic shapes -> target -> explainer ({config['train']['steps']} steps) -> attribution -> "
+        f"report, under {run_dir}/ (resolved config: {run_dir}/config.yaml)")
+    artifact = train.run(config, ray_logs=ray_logs, show_config=False)
     trained = time.perf_counter()
     attribution = f"{run_dir}/attribution"
     summary = run_attribution(AttributeConfig(shards=f"{run_dir}/data/val-*.tar", output=attribution,

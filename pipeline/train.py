@@ -551,11 +551,12 @@ def finished_artifact(config: dict) -> str | None:
     return artifact if same else None
 
 
-def run(config: dict, verbose: bool = True, ray_logs: bool = False) -> str:
+def run(config: dict, verbose: bool = True, ray_logs: bool = False, show_config: bool = True) -> str:
     """Train an explainer as configured (see pipeline.config); returns the artifact's location.
 
     `verbose`: print the resolved config, a progress line and the outcome; `ray_logs`: Ray's own
-    INFO lines too (off by default, see `pipeline.progress`).
+    INFO lines too (off by default, see `pipeline.progress`); `show_config`: the resolved config
+    on the console (it is saved as <run_dir>/config.yaml either way).
     """
     import ray
     import ray.train
@@ -564,7 +565,7 @@ def run(config: dict, verbose: bool = True, ray_logs: bool = False) -> str:
     from pipeline.data import expand_urls, read_shards
 
     config = dict(config)
-    if verbose:
+    if verbose and show_config:
         print("resolved config:\n" + dump_config(config), flush=True)
     if not verbose_requested(ray_logs):
         quiet_ray_data()

@@ -61,13 +61,23 @@ def test_lr_schedule_warmup_and_cosine():
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
+def test_auto_worker_cpus_share_a_node_among_its_workers():
+    assert T.worker_cpus({"cpus_per_worker": "auto", "workers": 1}, [2]) == 2  # a lone worker: every core
+    assert T.worker_cpus({"cpus_per_worker": "auto", "workers": 2}, [8]) == 4
+    assert T.worker_cpus({"cpus_per_worker": "auto", "workers": 2}, [2, 2]) == 2  # one per node
+    assert T.worker_cpus({"cpus_per_worker": "auto", "workers": 3}, [1]) == 1
+    assert T.worker_cpus({"cpus_per_worker": 1.5, "workers": 1}, [8]) == 1.5
+    with pytest.raises(ValueError, match="cpus_per_worker"):
+        T.worker_cpus({"cpus_per_worker": "all", "workers": 1}, [2])
+
+
 def test_config_layers_and_errors(tmp_path):
     cfg = C.load_config(DEMO, ["objective.chunk_size=64", "train.lr=1e-3", "val.every=0"],
                         {"workers": 3, "storage": "rel/runs", "steps": None})
     assert cfg["name"] == "demo"
     assert cfg["objective"]["chunk_size"] == 64
     assert cfg["train"]["lr"] == pytest.approx(1e-3) and cfg["train"]["weight_decay"] == pytest.approx(1e-3)
-    assert cfg["run"]["workers"] == 3 and cfg["train"]["steps"] == 200  # None flags do not override
+    assert cfg["run"]["workers"] == 3 and cfg["train"]["steps"] == 50  # None flags do not override
     assert cfg["run"]["storage"] == os.path.abspath("rel/runs")
     assert cfg["val"]["every"] == 0
     with pytest.raises(KeyError, match="train.stpes"):
