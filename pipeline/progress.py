@@ -16,6 +16,7 @@ import re
 import sys
 import threading
 import time
+import warnings
 
 
 def verbose_requested(flag: bool = False) -> bool:
@@ -56,6 +57,9 @@ def quiet_ray_data() -> None:
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # in this process ("Progress bars disabled", ...)
+    # A small input (the demo's one shard) has fewer blocks at the start than the actor pool has
+    # actors; the pool still works and the blocks stream, so the warning says nothing to act on.
+    warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
 
 
 def quiet_train_reports() -> None:

@@ -9,7 +9,9 @@ cd "$(dirname "$0")/.."
 VENV=${L2R_VENV:-.venv}
 RUNS=${L2R_RUNS:-$PWD/runs}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-"$VENV/bin/pip" install -q -c scripts/constraints.txt -e ".[baselines]"
+"$VENV/bin/pip" install -qq -c scripts/constraints.txt -e ".[baselines]"  # -qq: errors only
 export RAY_USAGE_STATS_ENABLED=0
+# The demo's Ray is a throwaway local instance on this machine: no token to set up.
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 
 "$VENV/bin/python" jobs/demo.py --storage "$RUNS" "$@"
