@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from l2r.artifact import save_artifact
-from l2r.explainer import build_explainer
+from l2r.explainer import CONFIG_FILE as EXPLAINER_FILE, build_explainer
 from l2r.images import to_tensor
 from l2r.metrics import deletion_insertion
 from l2r.objective import ObjectiveConfig, objective_backward
@@ -540,14 +540,17 @@ def finished_artifact(config: dict) -> str | None:
 
     artifact = f"{config['run_dir']}/explainer"
     try:
-        with fsspec.open(f"{artifact}/explainer.json", "r") as f:
-            metadata = json.loads(f.read()).get("metadata", {})
+        with fsspec.open(f"{artifact}/{EXPLAINER_FILE}", "r") as f:
+            document = json.loads(f.read())
     except (FileNotFoundError, OSError, ValueError):
         return None
-    same = (metadata.get("steps") == config["train"]["steps"]
+    metadata, target = document.get("metadata", {}), document.get("metadata", {}).get("target") or {}
+    same = (metadata.get("train") == config["train"]  # steps included
             and metadata.get("objective") == ObjectiveConfig(**config["objective"]).to_dict()
             and metadata.get("data") == config["data_identity"]
-            and metadata.get("train") == config["train"])
+            # the same target: a changed model or checkpoint under the same run name trains again
+            and all(target.get(key) == json.loads(json.dumps(config["target"].get(key)))
+                    for key in ("spec", "checkpoint", "kwargs")))
     return artifact if same else None
 
 
