@@ -60,6 +60,8 @@ def build_parser():
     p.add_argument("--steps", type=int, default=21, help="fractions K of the curves (ends included)")
     p.add_argument("--reference", default="black", choices=["black", "mean", "blur"])
     p.add_argument("--target", default="prediction", choices=["prediction", "ground_truth"], help="class to explain")
+    p.add_argument("--holdout-every", type=int, default=0,
+                   help="only the samples a training run with data.holdout_every N held back (1 in N per shard)")
     p.add_argument("--masks", action="store_true",
                    help="read each sample's mask.png (synthetic shards) and add pointing_hit and mask_auroc")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -103,6 +105,7 @@ def main(argv=None):
         reference=args.reference,
         target_rule=args.target,
         with_mask=args.masks,
+        holdout_every=args.holdout_every,
         device=args.device,
         actors=args.actors,
         actor_cpus=args.actor_cpus,

@@ -125,6 +125,7 @@ class AttributeConfig:
     reference: str = Protocol.reference
     target_rule: str = Protocol.target  # prediction | ground_truth
     with_mask: bool = False  # read mask.png of each sample; add pointing_hit and mask_auroc
+    holdout_every: int = 0  # > 0: only the samples a training run with data.holdout_every N held back
     device: str = "auto"  # auto (GPU actors when the cluster has GPUs) | cpu | cuda
     actors: int | None = None  # default: one per GPU; on CPU one per CPU left after reads
     actor_cpus: float | None = None  # default: 1 per GPU actor; on CPU what reads leave, shared
@@ -738,6 +739,7 @@ def _identity(config: AttributeConfig, record, explainer: dict | None) -> dict:
         "explainer_weights_sha256": explainer["weights_sha256"] if explainer else None,
         # Only when set, so outputs written before the option existed still resume.
         **({"with_mask": True} if config.with_mask else {}),
+        **({"holdout_every": config.holdout_every} if config.holdout_every else {}),
         **({"precision": config.precision} if config.precision != "fp32" else {}),
         **({"allow_target_mismatch": True} if config.allow_target_mismatch else {}),
     }
@@ -869,7 +871,8 @@ def run_attribution(config: AttributeConfig, filesystem=None, output_filesystem=
             if explainer else None,
         }
         ds = read_shards(todo, target.input_size, crop_pct=config.crop_pct, with_mask=config.with_mask,
-                         filesystem=filesystem, num_cpus=config.read_cpus, rows_per_batch=plan["batch_size"])
+                         filesystem=filesystem, num_cpus=config.read_cpus, rows_per_batch=plan["batch_size"],
+                         holdout_every=config.holdout_every, part="holdout")
         # A read task's rows otherwise leave as one block of up to 128 MiB (a whole shard): one actor
         # would get all of it, and nothing would come back until it was done. Blocks of about one
         # batch of decoded images (uint8 image, bool mask) stream instead. (A repartition would do it

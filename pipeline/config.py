@@ -34,6 +34,12 @@ DEFAULTS: dict = {
         # Decode the whole training set into Ray's object store once, before training: for data that
         # fits in memory, later epochs skip decoding and no reader competes with the trainers for CPUs.
         "materialize": False,
+        # 1 in N samples of each shard (archive positions N-1, 2N-1, ...) held back: training skips them,
+        # validation reads only them (from data.val, usually the same shards). 0: no split.
+        "holdout_every": 0,
+        # Random resized crops (area fraction range) and flips per step, from images decoded at
+        # image_size / crop_pct (l2r.augment). null: the evaluation preprocessing, no flips.
+        "augment": {"crop_scale": None, "flip": False},
     },
     "target": {
         "spec": None,  # timm:NAME or package.module:callable
@@ -185,6 +191,10 @@ def load_config(path: str | os.PathLike | None = None, sets: list[str] = (), fla
         value = get_key(config, key)
         if value is not None:
             set_key(config, key, _resolve_path(value))
+    spec = config["target"]["spec"]
+    if isinstance(spec, str) and ".py:" in spec:  # a model file (path/to/model.py:callable) is a path too
+        file, _, name = spec.rpartition(":")
+        config["target"]["spec"] = f"{_resolve_path(file)}:{name}"
     if not config["name"]:
         config["name"] = "l2r"
     return config

@@ -218,22 +218,46 @@ def _iter_tar_members(fileobj) -> Iterator[tuple[str, str, bytes]]:
                 raise tarfile.ReadError(f"no end-of-archive marker at byte {archive.offset} (truncated or corrupt)")
 
 
-def iter_shard(url: str, image_size, crop_pct: float = 1.0, with_mask: bool = False, filesystem=None) -> Iterator[dict]:
-    """Rows of one shard, without Ray. A shard that cannot be opened or is cut short ends with an error row."""
+SPLIT_PARTS = ("all", "train", "holdout")
+
+
+def in_part(position: int, holdout_every: int, part: str) -> bool:
+    """The fixed train/holdout rule: the sample at 0-based `position` in its shard (archive order) is
+    held out when position % holdout_every == holdout_every - 1, so 1 in `holdout_every`, spread evenly
+    through the shard (a class-sorted shard gives a holdout across all of its classes)."""
+    if part not in SPLIT_PARTS:
+        raise ValueError(f"unknown split part {part!r}; choose one of {SPLIT_PARTS}")
+    if part == "all" or holdout_every <= 0:
+        return True
+    held_out = position % holdout_every == holdout_every - 1
+    return held_out if part == "holdout" else not held_out
+
+
+def iter_shard(url: str, image_size, crop_pct: float = 1.0, with_mask: bool = False, filesystem=None,
+               holdout_every: int = 0, part: str = "all") -> Iterator[dict]:
+    """Rows of one shard, without Ray. A shard that cannot be opened or is cut short ends with an error row.
+
+    `holdout_every` > 0 with `part` "train" or "holdout" keeps one side of the split rule of `in_part`
+    (the other side's samples are not decoded).
+    """
     current_key, members, done = None, {}, 0
+    if holdout_every > 0 and part == "all":
+        holdout_every = 0
+    in_part(0, holdout_every, part)  # an unknown part fails here, before any reading
     try:
         fs, path = _filesystem_for(url, filesystem)
         with fs.open(path, "rb") as fileobj:
             for key, suffix, data in _iter_tar_members(fileobj):
                 if key != current_key:
                     if current_key is not None:
-                        yield sample_to_row(current_key, url, members, image_size, crop_pct, with_mask)
+                        if in_part(done, holdout_every, part):
+                            yield sample_to_row(current_key, url, members, image_size, crop_pct, with_mask)
                         done += 1
                     current_key, members = key, {}
                 if suffix in members:
                     members.setdefault("__duplicates__", []).append(f"{key}.{suffix}")
                 members[suffix] = data
-        if current_key is not None:
+        if current_key is not None and in_part(done, holdout_every, part):
             yield sample_to_row(current_key, url, members, image_size, crop_pct, with_mask)
     except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
         # The sample being read when the shard broke is lost; name it so it can be traced.
@@ -272,11 +296,11 @@ def _to_arrow(batch: dict):
     return pa.table(columns)
 
 
-def _read_shards_batch(batch, image_size, crop_pct, with_mask, filesystem, rows_per_batch):
+def _read_shards_batch(batch, image_size, crop_pct, with_mask, filesystem, rows_per_batch, holdout_every, part):
     """Ray map_batches function: a batch of shard URLs -> a stream of row batches."""
     rows = []
     for url in batch["url"]:
-        for row in iter_shard(str(url), image_size, crop_pct, with_mask, filesystem):
+        for row in iter_shard(str(url), image_size, crop_pct, with_mask, filesystem, holdout_every, part):
             rows.append(row)
             if len(rows) >= rows_per_batch:
                 yield _to_arrow(rows_to_batch(rows, with_mask))
@@ -293,8 +317,12 @@ def read_shards(
     filesystem=None,
     num_cpus: float = 1.0,
     rows_per_batch: int = 256,
+    holdout_every: int = 0,
+    part: str = "all",
 ):
     """A streaming ``ray.data.Dataset`` of decoded rows (see the module docstring for columns).
+
+    ``holdout_every`` and ``part`` select one side of the train/holdout rule (``in_part``).
 
     ``urls`` is anything ``expand_urls`` accepts. One Ray task reads one shard
     (``num_cpus`` each; use a fraction on small machines so consumers are not
@@ -316,6 +344,8 @@ def read_shards(
             with_mask=with_mask,
             filesystem=filesystem,
             rows_per_batch=rows_per_batch,
+            holdout_every=int(holdout_every),
+            part=part,
         ),
     )
 

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from l2r.artifact import save_artifact
+from l2r.augment import decode_size, random_resized_crop
 from l2r.explainer import CONFIG_FILE as EXPLAINER_FILE, build_explainer
 from l2r.images import to_tensor
 from l2r.metrics import deletion_insertion
@@ -147,7 +148,8 @@ def load_val_images(urls: list[str], dcfg: dict, count: int) -> torch.Tensor:
 
     rows = []
     for url in urls:
-        for row in iter_shard(url, dcfg["image_size"], dcfg["crop_pct"]):
+        for row in iter_shard(url, dcfg["image_size"], dcfg["crop_pct"], holdout_every=dcfg["holdout_every"],
+                              part="holdout"):
             if row["error"] is None:
                 rows.append(row["image"])
             if len(rows) >= count:
@@ -226,6 +228,8 @@ def train_loop_per_worker(config: dict) -> None:
     total = int(tcfg["steps"])
     ocfg = ObjectiveConfig(**config["objective"])
     autocast = device.type == "cuda" and bool(tcfg["bf16"])
+    acfg = dcfg["augment"]
+    augmented = acfg["crop_scale"] is not None
 
     target, record = make_target(config, device)
     explainer = build_explainer(dict(config["explainer"]), target)
@@ -275,6 +279,10 @@ def train_loop_per_worker(config: dict) -> None:
             if fail is not None and step == fail and start_step == 0 and rank == config["debug"]["fail_rank"]:
                 raise RuntimeError(f"debug.fail_at_step: worker {rank} fails at step {step} (testing)")
             images = batch["image"].permute(0, 3, 1, 2).float().div_(255.0)
+            if augmented:
+                images = random_resized_crop(images, dcfg["image_size"], acfg["crop_scale"], acfg["flip"])
+            elif acfg["flip"]:
+                images = torch.where(torch.rand(images.shape[0], 1, 1, 1, device=images.device) < 0.5, images.flip(-1), images)
             labels = batch["label"]
             if keys_file is not None:
                 keys_file.write("".join(f"{step}\t{i}\n" for i in batch["sample_id"].tolist()))
@@ -375,15 +383,22 @@ def write_artifact(explainer, record: TargetRecord, config: dict, step: int) -> 
 # ---------------------------------------------------------------- driver
 
 
-def data_identity(urls: list[str]) -> dict:
-    """The training data's identity: its shard URLs and a hash of (URL, size) lines."""
+def data_identity(urls: list[str], dcfg: dict | None = None) -> dict:
+    """The training data's identity: its shard URLs, a hash of (URL, size) lines, and the split rule
+    and augmentation (the held-out samples are those of `pipeline.data.in_part`)."""
     import fsspec
 
     digest = hashlib.sha256()
     for url in urls:
         fs, path = fsspec.core.url_to_fs(url)
         digest.update(f"{url}\t{fs.size(path)}\n".encode())
-    return {"shards": urls, "sha256": digest.hexdigest()}
+    identity = {"shards": urls, "sha256": digest.hexdigest()}
+    if dcfg is not None and dcfg.get("holdout_every"):
+        identity["holdout_every"] = int(dcfg["holdout_every"])
+        identity["holdout_rule"] = "sample positions p in each shard with p % holdout_every == holdout_every - 1"
+    if dcfg is not None and (dcfg["augment"]["crop_scale"] is not None or dcfg["augment"]["flip"]):
+        identity["augment"] = dict(dcfg["augment"])
+    return identity
 
 
 def prepare_synthetic(config: dict) -> tuple[str, str]:
@@ -432,7 +447,8 @@ def fit_target(config: dict, urls: list[str]) -> str:
     def rows():
         while True:
             for url in urls:
-                for row in iter_shard(url, dcfg["image_size"], dcfg["crop_pct"]):
+                for row in iter_shard(url, dcfg["image_size"], dcfg["crop_pct"], holdout_every=dcfg["holdout_every"],
+                                      part="train"):
                     if row["error"] is None and row["label"] >= 0:
                         yield row
 
@@ -534,6 +550,14 @@ def worker_cpus(run_config: dict, node_cpus: list[float]) -> float:
     return max(1, int(max(node_cpus) // per_node))
 
 
+def training_read_size(dcfg: dict) -> tuple:
+    """(size, crop_pct) the training reader decodes at: the model input, or with random crops the
+    whole centre square they are taken from (l2r.augment)."""
+    if dcfg["augment"]["crop_scale"] is None:
+        return dcfg["image_size"], dcfg["crop_pct"]
+    return decode_size(dcfg["image_size"], dcfg["crop_pct"]), 1.0
+
+
 def finished_artifact(config: dict) -> str | None:
     """The run's artifact if it already holds the last step of this same training, else None."""
     import fsspec
@@ -586,7 +610,7 @@ def run(config: dict, verbose: bool = True, ray_logs: bool = False, show_config:
         val_spec = val_spec or synthetic_val
     train_urls = expand_urls(train_spec)
     config["val_urls"] = expand_urls(val_spec) if val_spec else []
-    config["data_identity"] = data_identity(train_urls)
+    config["data_identity"] = data_identity(train_urls, config["data"])
     if config["target"]["checkpoint"] is None and config["target"]["fit_steps"] > 0:
         config["target"] = {**config["target"], "checkpoint": fit_target(config, train_urls)}
 
@@ -625,7 +649,8 @@ def run(config: dict, verbose: bool = True, ray_logs: bool = False, show_config:
     if ray.cluster_resources().get("CPU", 0) < needed:
         print(f"warning: the cluster has {ray.cluster_resources().get('CPU', 0)} CPUs; workers and one reader "
               f"need {needed} (reading may stall unless it scales up)", flush=True)
-    ds = read_shards(train_urls, dcfg["image_size"], dcfg["crop_pct"], num_cpus=dcfg["read_cpus"])
+    ds = read_shards(train_urls, *training_read_size(dcfg), num_cpus=dcfg["read_cpus"],
+                     holdout_every=dcfg["holdout_every"], part="train")
     ds = ds.map_batches(to_training_columns, batch_format="numpy", num_cpus=dcfg["read_cpus"])
     if dcfg["materialize"]:
         ds = ds.materialize()

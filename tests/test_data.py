@@ -101,6 +101,18 @@ def test_missing_shard_is_an_error_row(tmp_path):
     assert len(rows) == 1 and rows[0]["error"].startswith("unreadable shard:") and "gone.tar" in rows[0]["error"]
 
 
+def test_holdout_rule_splits_every_shard_one_in_n_by_position(shard_dir, tmp_path):
+    write_tar(tmp_path / "ten.tar", good_samples("t", 10))
+    url = str(tmp_path / "ten.tar")
+    keys = {part: [r["key"] for r in data.iter_shard(url, 8, holdout_every=5, part=part)]
+            for part in ("all", "train", "holdout")}
+    assert keys["holdout"] == ["t004", "t009"]  # positions 4 and 9
+    assert keys["train"] == [k for k in keys["all"] if k not in keys["holdout"]] and len(keys["train"]) == 8
+    assert [r["key"] for r in data.iter_shard(url, 8, holdout_every=0, part="holdout")] == keys["all"]
+    with pytest.raises(ValueError, match="unknown split part 'test'"):
+        list(data.iter_shard(url, 8, holdout_every=5, part="test"))
+
+
 def test_read_shards_with_ray(ray_local, bad_shards):
     ds = data.read_shards(f"{bad_shards}/{{mixed,truncated}}.tar", 8, num_cpus=0.5, rows_per_batch=4)
     rows = ds.take_all()
@@ -142,6 +154,9 @@ def test_s3_urls(ray_local, s3, tmp_path):
     rows = data.read_shards("s3://shards/train/x-{0..2}.tar", 8, filesystem=s3, num_cpus=0.5).take_all()
     assert sorted(r["key"] for r in rows) == sorted(f"k{s}_{i:03d}" for s in range(3) for i in range(3))
     assert {r["source"] for r in rows} == set(expected) and all(r["error"] is None for r in rows)
+    held = data.read_shards("s3://shards/train/x-{0..2}.tar", 8, filesystem=s3, num_cpus=0.5,
+                            holdout_every=3, part="holdout").take_all()
+    assert sorted(r["key"] for r in held) == [f"k{s}_002" for s in range(3)]  # the split holds through Ray, per shard
 
 
 @pytest.mark.skipif(not SHARED_CIFAR.is_dir(), reason=f"shared CIFAR-10 shards not found at {SHARED_CIFAR}")

@@ -104,7 +104,7 @@ def test_training_columns_drop_errors_and_ids_are_stable():
     assert len(set(T.sample_ids(["a", "a"], ["s0.tar", "s1.tar"]).tolist())) == 2  # keys repeat across shards
 
 
-@pytest.mark.parametrize("name", ["demo", "cifar10", "cifar10-vit", "imagenet-paper"])
+@pytest.mark.parametrize("name", ["demo", "cifar10", "cifar10-vit", "imagenet-paper", "imagenet-sample-mobilenet"])
 def test_shipped_configs_resolve(name):
     cfg = C.load_config(ROOT / "jobs" / "configs" / f"{name}.yaml")
     T.ObjectiveConfig(**cfg["objective"])
@@ -112,6 +112,11 @@ def test_shipped_configs_resolve(name):
     if name == "imagenet-paper":
         assert cfg["data"]["train"].startswith("s3://YOUR-BUCKET/")
         assert cfg["train"]["batch_size"] == 32 and cfg["run"]["gpus"] and cfg["explainer"]["blocks"] == [4, 11, 17, 23]
+    if name == "imagenet-sample-mobilenet":  # a model file spec resolves like a path; its layers exist
+        file, _, callable_name = cfg["target"]["spec"].rpartition(":")
+        assert Path(file).is_absolute() and callable_name == "MobileNetV1"
+        assert cfg["data"]["holdout_every"] == 5 and cfg["target"]["background_logit"]
+        assert T.training_read_size(cfg["data"]) == ((183, 183), 1.0)
     if name == "cifar10-vit":  # the kwargs must be the ones benchmarks/train_vit.py trains with
         from benchmarks.train_vit import KWARGS, MEAN, SPEC, STD
 
