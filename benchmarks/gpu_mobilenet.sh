@@ -4,6 +4,8 @@
 # machine; the job decodes them at 183 px either way), the shared MobileNetV1 file and weights.
 # Everything the run writes (config, checkpoints, metrics.jsonl, the artifact) goes to $OUT/runs, so
 # that a run cut short still brings back its last checkpoint (a rerun with the same storage resumes).
+# Keep LIMIT (the training's own time limit) 15 s or more under the device call's limit, so the copies
+# below run.
 #   DATA=.gpumb bash benchmarks/gpu_mobilenet.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,5 +27,10 @@ timeout "$LIMIT" $PY jobs/train.py --config jobs/configs/imagenet-sample-mobilen
   --set target.spec="$DATA/mobilenet_v1.py:MobileNetV1" --set target.checkpoint="$DATA/mobilenet_v1_0.5_160.pth" \
   --storage "$OUT/runs" "$@" > "$OUT/train.log" 2>&1
 echo "train rc=$?"
+# A device run brings back files at most a few folders deep: the artifact and the newest checkpoint flat.
+RUN="$OUT/runs/imagenet-sample-mobilenet"
+for f in "$RUN"/explainer/*; do [ -f "$f" ] && cp "$f" "$OUT/explainer-$(basename "$f")"; done
+LAST=$(ls -d "$RUN"/checkpoint_* 2>/dev/null | tail -n 1)
+[ -n "$LAST" ] && cp "$LAST/state.pt" "$OUT/last-checkpoint-state.pt"
 grep -v "placement_group_cleaner" "$OUT/train.log" | tail -n 8
 tail -n 1 "$OUT/runs/imagenet-sample-mobilenet/metrics.jsonl" 2>/dev/null
