@@ -3,8 +3,8 @@
 On the photos that `jobs/configs/imagenet-sample-mobilenet.yaml` holds back from training (1 in 5
 of the shared ImageNet sample, `--holdout-every 5`: 100 photos of 100 classes never trained on),
 with the shared MobileNetV1 0.5 at 160 px as the target, this runs the attribution job for each
-reference (`black`, `mean`, `blur`): once for `l2r` and the baselines (gradcam, ig, saliency, rise,
-random, gaussian) and, with `--refine-steps`, once more for `l2r` with test-time refinement. Per reference it prints mean exact deletion / insertion AUC and insertion - deletion
+reference (`black`, `mean`, `blur`): once for the baselines (gradcam, ig, saliency, rise, random,
+gaussian), once for `l2r` and, with `--refine-steps`, once more for `l2r` with test-time refinement. Per reference it prints mean exact deletion / insertion AUC and insertion - deletion
 with 95 % bootstrap intervals, the paired difference to l2r (the same images resampled for both;
 an interval that excludes 0 is a difference), and the target passes per image for one map.
 
@@ -12,7 +12,7 @@ an interval that excludes 0 is a difference), and the target passes per image fo
         --output runs/imagenet-sample-eval [--refine-steps 20] [--references black,mean,blur]
 
 Reruns with the same `--output` reuse finished results (the attribution job skips finished shards).
-`--report` writes the report of the black-reference run (`report.html`, the gallery).
+`--report` also writes the report (`report.html`, the gallery) of l2r and the one-pass baselines, black.
 The last line printed is JSON: {reference: {method: {deletion, insertion, ins_minus_del, ...}}}.
 """
 
@@ -104,7 +104,7 @@ def markdown(stats: dict, cost: dict, reference_method: str) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--explainer", required=True, help="the imagenet-sample-mobilenet explainer artifact")
+    p.add_argument("--explainer", help="the imagenet-sample-mobilenet explainer artifact (omit: baselines only)")
     p.add_argument("--output", required=True, help="folder for the results (reused by a rerun)")
     p.add_argument("--shards", default=str(SHARD))
     p.add_argument("--holdout-every", type=int, default=5)
@@ -125,8 +125,10 @@ def main(argv=None):
         common = dict(**TARGET, shards=args.shards, explainer=args.explainer, steps=args.steps, reference=reference,
                       holdout_every=args.holdout_every)
         scores, cost = {}, {}
-        runs = [("all", dict(methods=(EXPLAINER_METHOD, *baselines)))]
-        if args.refine_steps:
+        runs = [("baselines", dict(methods=baselines))] if baselines else []
+        if args.explainer:
+            runs.append(("l2r", dict(methods=(EXPLAINER_METHOD,))))
+        if args.explainer and args.refine_steps:
             runs.append(("l2r_refined", dict(methods=(EXPLAINER_METHOD,), refine_steps=args.refine_steps)))
         for label, extra in runs:
             got = run(AttributeConfig(output=str(out / reference / label), **common, **extra), f"{reference}/{label}")
@@ -134,18 +136,24 @@ def main(argv=None):
             for method, per_key in got["scores"].items():
                 scores[rename.get(method, method)] = per_key
                 cost[rename.get(method, method)] = got["cost"].get(method)
-        stats = statistics(scores, EXPLAINER_METHOD, args.resamples)
+        stats = statistics(scores, EXPLAINER_METHOD if args.explainer else baselines[0], args.resamples)
         print(f"\nreference {reference}: {stats['images']} held-out photos, K={args.steps}, target = top-1 prediction")
-        print(markdown(stats, cost, EXPLAINER_METHOD), flush=True)
+        print(markdown(stats, cost, EXPLAINER_METHOD if args.explainer else baselines[0]), flush=True)
         results[reference] = {"images": stats["images"], **{
             m: {"deletion": round(s["deletion"]["mean"], 4), "insertion": round(s["insertion"]["mean"], 4),
                 "ins_minus_del": round(s["ins_minus_del"]["mean"], 4), "cost": cost.get(m)}
             for m, s in stats.items() if m != "images"}}
-    if args.report and "black" in results:
+    if args.report and args.explainer:
+        # The report reads one output folder: l2r and the one-pass baselines again, on the black reference.
         from pipeline.report import ReportConfig, write_report
 
-        write_report(ReportConfig(results=str(out / "black" / "all"), gallery=8), log=lambda line: None)
-        print(f"report: {out / 'black' / 'all' / 'report' / 'report.html'}")
+        folder = out / "report-black"
+        methods = (EXPLAINER_METHOD, *[m for m in baselines if m not in ("ig", "rise")])
+        run(AttributeConfig(**TARGET, shards=args.shards, explainer=args.explainer, steps=args.steps,
+                            reference="black", holdout_every=args.holdout_every, methods=methods,
+                            output=str(folder)), "report")
+        write_report(ReportConfig(results=str(folder), gallery=8), log=lambda line: None)
+        print(f"report: {folder / 'report' / 'report.html'}")
     print(json.dumps(results))
 
 
