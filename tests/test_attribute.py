@@ -173,6 +173,19 @@ def test_evidence_masks_give_pointing_and_auroc(ray_local, assets, full_run, tmp
     assert all(r["pointing_hit"] is None and r["mask_auroc"] is None for r in plain)
 
 
+def test_holdout_every_attributes_only_what_training_held_back(ray_local, assets, tmp_path):
+    shard = str(assets["root"] / "shards" / "train-0000.tar")
+    summary = att.run_attribution(config(assets, tmp_path / "out", shards=shard, methods="random", holdout_every=3),
+                                  log=lambda line: None)
+    keys = [r["key"] for r in iter_shard(shard, SIZE)]
+    rows = att.read_results(str(tmp_path / "out")).to_pylist()
+    assert sorted(r["key"] for r in rows) == sorted(keys[2::3]) and summary["images"] == len(keys) // 3
+    manifest = json.loads((tmp_path / "out" / att.MANIFEST).read_text())
+    assert manifest["identity"]["holdout_every"] == 3  # recorded; a rerun without it is another run
+    with pytest.raises(ValueError, match="different configuration"):
+        att.run_attribution(config(assets, tmp_path / "out", shards=shard, methods="random"), log=lambda line: None)
+
+
 def test_crash_and_rerun_gives_each_key_once(ray_local, assets, tmp_path):
     output = tmp_path / "out"
     cfg = config(assets, output, methods="l2r,random")
