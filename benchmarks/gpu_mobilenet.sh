@@ -23,7 +23,7 @@ fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 timeout "$LIMIT" $PY jobs/train.py --config jobs/configs/imagenet-sample-mobilenet.yaml $GPUS \
-  --set data.train="$DATA/val-0000-s208.tar" --set data.val="$DATA/val-0000-s208.tar" \
+  --set data.train="$DATA/val-0000-s208.tar" \
   --set target.spec="$DATA/mobilenet_v1.py:MobileNetV1" --set target.checkpoint="$DATA/mobilenet_v1_0.5_160.pth" \
   --storage "$OUT/runs" "$@" > "$OUT/train.log" 2>&1
 echo "train rc=$?"

@@ -25,7 +25,8 @@ DEFAULTS: dict = {
     "seed": 0,
     "data": {
         "train": None,  # shard spec(s) (file, folder, glob, {a..b} braces, s3://...); None: synthetic
-        "val": None,  # held-out shards for exact AUCs (the first val.images rows); None: synthetic
+        "val": None,  # held-out shards for exact AUCs (the first val.images rows); None: the held-back
+        # part of data.train (holdout_every), or synthetic
         "synthetic": {"train": 2048, "val": 64, "size": 32, "num_classes": 10, "shard_size": 512},
         "image_size": 32,  # model input (H = W, or [H, W]); images are resized and centre-cropped
         "crop_pct": 1.0,
@@ -34,8 +35,8 @@ DEFAULTS: dict = {
         # Decode the whole training set into Ray's object store once, before training: for data that
         # fits in memory, later epochs skip decoding and no reader competes with the trainers for CPUs.
         "materialize": False,
-        # 1 in N samples of each shard (archive positions N-1, 2N-1, ...) held back: training skips them,
-        # validation reads only them (from data.val, usually the same shards). 0: no split.
+        # 1 in N samples of each training shard (archive positions N-1, 2N-1, ...) held back: training
+        # skips them; with data.val null, validation reads only them. 0: no split.
         "holdout_every": 0,
         # Random resized crops (area fraction range) and flips per step, from images decoded at
         # image_size / crop_pct (l2r.augment). null: the evaluation preprocessing, no flips.

@@ -142,14 +142,15 @@ def validate(explainer, target, images, vcfg) -> dict:
     }
 
 
-def load_val_images(urls: list[str], dcfg: dict, count: int) -> torch.Tensor:
-    """The first `count` good rows of the val shards, read without Ray, as float (N,3,H,W)."""
+def load_val_images(urls: list[str], dcfg: dict, count: int, part: str = "all") -> torch.Tensor:
+    """The first `count` good rows of the val shards (`part` of the holdout rule), read without Ray, as
+    float (N,3,H,W)."""
     from pipeline.data import iter_shard
 
     rows = []
     for url in urls:
         for row in iter_shard(url, dcfg["image_size"], dcfg["crop_pct"], holdout_every=dcfg["holdout_every"],
-                              part="holdout"):
+                              part=part):
             if row["error"] is None:
                 rows.append(row["image"])
             if len(rows) >= count:
@@ -251,7 +252,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     val_images = None
     if rank == 0 and config.get("val_urls"):
-        val_images = load_val_images(config["val_urls"], dcfg, vcfg["images"]).to(device)
+        val_images = load_val_images(config["val_urls"], dcfg, vcfg["images"], config.get("val_part", "all")).to(device)
     keys_file = None
     if config["debug"]["record_keys"]:
         keys_dir = Path(config["run_dir"]) / "keys"
@@ -610,6 +611,8 @@ def run(config: dict, verbose: bool = True, ray_logs: bool = False, show_config:
         val_spec = val_spec or synthetic_val
     train_urls = expand_urls(train_spec)
     config["val_urls"] = expand_urls(val_spec) if val_spec else []
+    if val_spec is None and config["data"]["holdout_every"]:  # validate on what training holds back
+        config["val_urls"], config["val_part"] = train_urls, "holdout"
     config["data_identity"] = data_identity(train_urls, config["data"])
     if config["target"]["checkpoint"] is None and config["target"]["fit_steps"] > 0:
         config["target"] = {**config["target"], "checkpoint": fit_target(config, train_urls)}

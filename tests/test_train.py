@@ -163,6 +163,7 @@ def failing_run(tiny, ray_local):
     """2 CPU workers (gloo); rank 1 raises at step 12; restarted from the step-8 checkpoint; 24 steps."""
     cfg = C.load_config(DEMO, tiny["sets"] + [
         "debug.fail_at_step=12", "debug.fail_rank=1", "debug.record_keys=true", "run.max_failures=1",
+        "data.holdout_every=4", "data.augment={crop_scale: [0.5, 1.0], flip: true}",
     ], {"storage": str(tiny["root"]), "name": "two", "workers": 2, "steps": 24, "batch_size": 4,
         "checkpoint_every": 8, "val_every": 12})
     started = time.perf_counter()
@@ -178,6 +179,13 @@ def test_two_workers_disjoint_data_and_loss_decreases(failing_run):
         ids0, ids1 = {i for _, i in a0}, {i for _, i in a1}
         assert ids0 and ids1 and not ids0 & ids1
         assert len(ids0) == len(a0) and len(ids1) == len(a1)  # and no repeats within an epoch
+    # data.holdout_every=4: no worker ever trains on a held-back sample (1 in 4 of every shard).
+    held = set()
+    for url in expand_urls(failing_run["cfg"]["data"]["train"]):
+        rows = list(iter_shard(url, 16, holdout_every=4, part="holdout"))
+        held |= set(T.sample_ids([r["key"] for r in rows], [r["source"] for r in rows]).tolist())
+    trained = {i for attempt in rank0 + rank1 for _, i in attempt}
+    assert len(held) == 64 and trained and not trained & held
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.02, [round(m["loss"], 3) for m in metrics]
     assert metrics[-1]["images_per_s"] > 0 and 0 < metrics[-1]["lr"] < 3e-3
@@ -197,6 +205,7 @@ def test_worker_failure_resumes_from_checkpoint_with_continuous_steps(failing_ru
     assert [s for s, _ in attempts[1]][::4] == list(range(8, 24))  # 4 images a step, continuous
     _, _, _, metadata = load_artifact(failing_run["artifact"])
     assert metadata["steps"] == 24 and metadata["workers"] == 2
+    assert metadata["data"]["holdout_every"] == 4 and metadata["data"]["augment"]["crop_scale"] == [0.5, 1.0]
     assert len(metadata["data"]["shards"]) == 4 and len(metadata["data"]["sha256"]) == 64
     assert (run_dir / "config.yaml").is_file()
 
