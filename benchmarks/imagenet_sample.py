@@ -113,6 +113,8 @@ def main(argv=None):
     p.add_argument("--refine-steps", type=int, default=0, help="also l2r with this many test-time refinement steps")
     p.add_argument("--steps", type=int, default=21)
     p.add_argument("--resamples", type=int, default=2000)
+    p.add_argument("--actors", type=int, default=None, help="attribution actors (default: the job's plan)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per actor call (default: the job's)")
     p.add_argument("--report", action="store_true", help="write the report (gallery) for the black reference")
     args = p.parse_args(argv)
 
@@ -123,7 +125,8 @@ def main(argv=None):
     results = {}
     for reference in [r for r in args.references.split(",") if r]:
         common = dict(**TARGET, shards=args.shards, explainer=args.explainer, steps=args.steps, reference=reference,
-                      holdout_every=args.holdout_every)
+                      holdout_every=args.holdout_every, actors=args.actors, batch_size=args.batch_size,
+                      actor_cpus=1.0 if args.actors else None)
         scores, cost = {}, {}
         runs = [("baselines", dict(methods=baselines))] if baselines else []
         if args.explainer:
@@ -151,6 +154,7 @@ def main(argv=None):
         methods = (EXPLAINER_METHOD, *[m for m in baselines if m not in ("ig", "rise")])
         run(AttributeConfig(**TARGET, shards=args.shards, explainer=args.explainer, steps=args.steps,
                             reference="black", holdout_every=args.holdout_every, methods=methods,
+                            actors=args.actors, batch_size=args.batch_size, actor_cpus=1.0 if args.actors else None,
                             output=str(folder)), "report")
         write_report(ReportConfig(results=str(folder), gallery=8), log=lambda line: None)
         print(f"report: {folder / 'report' / 'report.html'}")

@@ -879,6 +879,10 @@ def run_attribution(config: AttributeConfig, filesystem=None, output_filesystem=
         # too, but its tasks ask for a whole CPU that the actors may hold: a deadlock on small machines.)
         height, width = target.input_size
         ds.context.target_max_block_size = plan["batch_size"] * height * width * 4
+        # Ray Data stops a dataset after 30 min without a finished block. One batch of a costly
+        # method (RISE: 1,000 target passes an image) at 160 px on one CPU thread takes longer than
+        # that, and the run was lost. The job's own progress line shows that it is alive.
+        ds.context.execution_no_progress_timeout_s = -1
         ds = ds.map_batches(
             AttributionWorker,
             compute=ray.data.ActorPoolStrategy(size=plan["actors"]),

@@ -4,6 +4,7 @@ The shared MobileNetV1 (a user's model file with a background logit) on shared I
 and a timm model whose weights are given as a file, locally and on S3.
 """
 import io
+from pathlib import Path
 import json
 import tarfile
 
@@ -178,3 +179,27 @@ def test_job_refuses_an_explainer_trained_for_another_target(ray_local, timm_wei
     assert any("allow_target_mismatch" in line and "weights sha256" in line for line in lines)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["identity"]["allow_target_mismatch"] is True
+
+
+SHIPPED_MOBILENET = Path(__file__).resolve().parents[1] / "explainers" / "imagenet-sample-mobilenet"
+
+
+def test_shipped_mobilenet_explainer_ranks_held_back_photos_better_than_chance():
+    """The explainer kept in the repository, with the shared model named by the user's own paths, on
+    photos its training held back (data.holdout_every 5): insertion - deletion well above a random map's."""
+    if not IMAGENET.is_file() or not (MODELS / "mobilenet_v1_0.5_160.pth").is_file():
+        pytest.skip(f"shared ImageNet sample or MobileNetV1 not found under {SHARED}")
+    from pipeline.data import iter_shard
+
+    fields = {k: v for k, v in MOBILENET.items() if k != "target"}
+    explainer = l2r.load(SHIPPED_MOBILENET, spec=MOBILENET["target"], **fields)
+    assert explainer.metadata["data"]["holdout_every"] == 5
+    rows = [r for _, r in zip(range(8), iter_shard(str(IMAGENET), 160, 0.875, holdout_every=5, part="holdout"))]
+    assert [r["key"] for r in rows][:2] == ["n01494475_hammerhead", "n01518878_ostrich"]  # positions 4, 9
+    images = torch.stack([torch.from_numpy(r["image"]).permute(2, 0, 1).float() / 255 for r in rows])
+    maps = explainer.explain(images)
+    assert maps.shape == (8, 160, 160) and maps.flatten(1).std(1).min() > 0
+    ours = l2r.score(explainer.target, images, maps)
+    chance = l2r.score(explainer.target, images, torch.rand(8, 160, 160, generator=torch.Generator().manual_seed(0)))
+    gap = (ours["insertion_auc"] - ours["deletion_auc"]).mean() - (chance["insertion_auc"] - chance["deletion_auc"]).mean()
+    assert gap > 0.1, (ours, chance)
