@@ -125,8 +125,7 @@ def main(argv=None):
     results = {}
     for reference in [r for r in args.references.split(",") if r]:
         common = dict(**TARGET, shards=args.shards, explainer=args.explainer, steps=args.steps, reference=reference,
-                      holdout_every=args.holdout_every, actors=args.actors, batch_size=args.batch_size,
-                      actor_cpus=1.0 if args.actors else None)
+                      holdout_every=args.holdout_every, actors=args.actors, batch_size=args.batch_size)
         scores, cost = {}, {}
         runs = [("baselines", dict(methods=baselines))] if baselines else []
         if args.explainer:
@@ -154,7 +153,7 @@ def main(argv=None):
         methods = (EXPLAINER_METHOD, *[m for m in baselines if m not in ("ig", "rise")])
         run(AttributeConfig(**TARGET, shards=args.shards, explainer=args.explainer, steps=args.steps,
                             reference="black", holdout_every=args.holdout_every, methods=methods,
-                            actors=args.actors, batch_size=args.batch_size, actor_cpus=1.0 if args.actors else None,
+                            actors=args.actors, batch_size=args.batch_size,
                             output=str(folder)), "report")
         write_report(ReportConfig(results=str(folder), gallery=8), log=lambda line: None)
         print(f"report: {folder / 'report' / 'report.html'}")

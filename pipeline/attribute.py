@@ -727,6 +727,20 @@ def _cluster_plan(config: AttributeConfig) -> dict:
             "batch_size": config.batch_size or 64, "forward_batch": config.forward_batch or 128}
 
 
+def plan_shortfall(plan: dict, read_cpus: float) -> str | None:
+    """Why the plan cannot run on the cluster as it is now, or None. The actors hold their CPUs for the
+    whole run, so without room for one read task nothing is ever read (a silent stall, not an error)."""
+    import ray
+
+    cpus = float(ray.cluster_resources().get("CPU", 0))
+    needed = plan["actors"] * plan["num_cpus"] + read_cpus
+    if needed <= cpus + 1e-9:
+        return None
+    return (f"{plan['actors']} actor(s) x {plan['num_cpus']} CPU + {read_cpus} CPU for a read task = {needed} CPUs, "
+            f"but the cluster has {cpus}: the job waits until the cluster grows (lower --actors/--actor-cpus, "
+            "or leave --actor-cpus unset to let the job size them)")
+
+
 def _identity(config: AttributeConfig, record, explainer: dict | None) -> dict:
     """What must match for a rerun to continue an earlier run's output."""
     return {
@@ -850,6 +864,9 @@ def run_attribution(config: AttributeConfig, filesystem=None, output_filesystem=
     output.write_json(manifest_path, manifest)
     log(f"attribute: {len(urls)} shards ({skipped} already done, {len(todo)} to do); methods {','.join(config.methods)}; "
         f"{plan['actors']} {plan['device']} actor(s), batch {plan['batch_size']}")
+    short = plan_shortfall(plan, config.read_cpus)
+    if todo and short:
+        log(f"warning: {short}")
 
     run_stats = Stats(config.methods)
     run_started = time.perf_counter()

@@ -248,6 +248,16 @@ def test_config_validation(assets, tmp_path):
         config(assets, tmp_path, reference="white")
 
 
+def test_a_plan_without_room_for_a_read_task_is_named(ray_local, assets, tmp_path):
+    import ray
+
+    cpus = ray.cluster_resources()["CPU"]
+    default = att._cluster_plan(config(assets, tmp_path, actors=None, actor_cpus=None))
+    assert att.plan_shortfall(default, 0.25) is None  # the job's own plan always leaves room to read
+    message = att.plan_shortfall({"actors": 2, "num_cpus": cpus / 2}, 0.25)  # every CPU held by actors
+    assert message and "read task" in message and f"cluster has {cpus}" in message
+
+
 def test_target_comes_from_the_artifact(assets, tmp_path):
     # An explainer saved without a target record: the job must say so, not guess.
     document = json.loads((assets["root"] / "explainer" / "explainer.json").read_text())
