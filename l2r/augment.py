@@ -50,3 +50,15 @@ def random_resized_crop(images: torch.Tensor, size, scale=(0.25, 1.0), flip: boo
     theta[:, 1, 2] = cy
     grid = F.affine_grid(theta.to(images.dtype), (b, images.shape[1], h, w), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def augment(images: torch.Tensor, size, crop_scale=None, flip: bool = False) -> torch.Tensor:
+    """The training job's augmentation (`data.augment`): random resized crops when `crop_scale` is set,
+    else at most a random flip per image."""
+    if crop_scale is not None:
+        return random_resized_crop(images, size, crop_scale, flip)
+    if flip:
+        mirrored = torch.rand(images.shape[0], 1, 1, 1, device=images.device) < 0.5
+        return torch.where(mirrored, images.flip(-1), images)
+    return images
+

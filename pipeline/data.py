@@ -241,8 +241,6 @@ def iter_shard(url: str, image_size, crop_pct: float = 1.0, with_mask: bool = Fa
     (the other side's samples are not decoded).
     """
     current_key, members, done = None, {}, 0
-    if holdout_every > 0 and part == "all":
-        holdout_every = 0
     in_part(0, holdout_every, part)  # an unknown part fails here, before any reading
     try:
         fs, path = _filesystem_for(url, filesystem)

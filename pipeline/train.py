@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from l2r.artifact import save_artifact
-from l2r.augment import decode_size, random_resized_crop
+from l2r.augment import augment, decode_size
 from l2r.explainer import CONFIG_FILE as EXPLAINER_FILE, build_explainer
 from l2r.images import to_tensor
 from l2r.metrics import deletion_insertion
@@ -229,8 +229,6 @@ def train_loop_per_worker(config: dict) -> None:
     total = int(tcfg["steps"])
     ocfg = ObjectiveConfig(**config["objective"])
     autocast = device.type == "cuda" and bool(tcfg["bf16"])
-    acfg = dcfg["augment"]
-    augmented = acfg["crop_scale"] is not None
 
     target, record = make_target(config, device)
     explainer = build_explainer(dict(config["explainer"]), target)
@@ -280,10 +278,7 @@ def train_loop_per_worker(config: dict) -> None:
             if fail is not None and step == fail and start_step == 0 and rank == config["debug"]["fail_rank"]:
                 raise RuntimeError(f"debug.fail_at_step: worker {rank} fails at step {step} (testing)")
             images = batch["image"].permute(0, 3, 1, 2).float().div_(255.0)
-            if augmented:
-                images = random_resized_crop(images, dcfg["image_size"], acfg["crop_scale"], acfg["flip"])
-            elif acfg["flip"]:
-                images = torch.where(torch.rand(images.shape[0], 1, 1, 1, device=images.device) < 0.5, images.flip(-1), images)
+            images = augment(images, dcfg["image_size"], **dcfg["augment"])
             labels = batch["label"]
             if keys_file is not None:
                 keys_file.write("".join(f"{step}\t{i}\n" for i in batch["sample_id"].tolist()))
