@@ -12,6 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from l2r import storage  # noqa: E402
 from pipeline.shards import make_shards  # noqa: E402
 
 
@@ -32,12 +33,8 @@ def main(argv=None):
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    filesystem = None
-    if args.storage_options:
-        import fsspec
-
-        protocol = args.output.split("://", 1)[0] if "://" in args.output else "file"
-        filesystem = fsspec.filesystem(protocol, **json.loads(args.storage_options))
+    options = json.loads(args.storage_options) if args.storage_options else None
+    filesystem = storage.filesystem_for(args.output, options)
     shards = make_shards(
         args.output,
         folder=args.folder,

@@ -12,6 +12,7 @@ or URLs). A rerun with the same --storage and --name resumes from the last check
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -30,6 +31,9 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, help="Ray Train workers (run.workers)")
     parser.add_argument("--gpus", action="store_const", const=True, help="one GPU per worker, bf16 autocast (run.gpus)")
     parser.add_argument("--storage", help="run storage: local folder or s3://bucket/prefix (run.storage)")
+    parser.add_argument("--storage-options", type=json.loads, metavar="JSON",
+                        help="fsspec options for the storage, data and checkpoint URLs, e.g. credentials or "
+                             "endpoint_url (run.storage_options; never written to the run's files)")
     parser.add_argument("--name", help="run name; a rerun with the same name resumes (default: the config's)")
     parser.add_argument("--steps", type=int, help="optimiser steps (train.steps)")
     parser.add_argument("--batch-size", type=int, help="images per worker per step (train.batch_size)")
@@ -38,7 +42,7 @@ def main(argv=None):
     parser.add_argument("--verbose", action="store_true",
                         help="Ray's own INFO lines too (also L2R_LOG_LEVEL=debug); default: warnings and errors")
     args = parser.parse_args(argv)
-    flags = {k: getattr(args, k) for k in ("name", "workers", "gpus", "storage", "steps", "batch_size",
+    flags = {k: getattr(args, k) for k in ("name", "workers", "gpus", "storage", "storage_options", "steps", "batch_size",
                                            "checkpoint_every", "val_every")}
     run(load_config(args.config, args.sets, flags), ray_logs=args.verbose)
 

@@ -165,14 +165,14 @@ def fetch(url: str | os.PathLike, storage_options: dict | None = None) -> str:
         if not Path(path).is_file():
             raise FileNotFoundError(f"file not found: {path}")
         return path
-    import fsspec
+    from l2r import storage
 
     local = cache_dir() / "files" / hashlib.sha256(url.encode()).hexdigest()[:16] / (Path(url).name or "file")
     if not local.exists():
         local.parent.mkdir(parents=True, exist_ok=True)
         part = local.with_name(f"{local.name}.{os.getpid()}.part")
         try:
-            with fsspec.open(url, "rb", **(storage_options or {})) as src, open(part, "wb") as dst:
+            with storage.open_file(url, "rb", storage_options) as src, open(part, "wb") as dst:
                 shutil.copyfileobj(src, dst)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"file not found: {url}") from e

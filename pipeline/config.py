@@ -83,6 +83,8 @@ DEFAULTS: dict = {
     },
     "run": {
         "storage": "~/l2r_runs",  # local folder or s3://bucket/prefix (shared storage when multi-node)
+        # fsspec options (credentials, endpoint_url, ...) for every URL of the run; not written to its files
+        "storage_options": None,
         "workers": 1,
         "gpus": False,
         "cpus_per_worker": 1,
@@ -103,6 +105,7 @@ FLAG_KEYS = {
     "workers": "run.workers",
     "gpus": "run.gpus",
     "storage": "run.storage",
+    "storage_options": "run.storage_options",
     "steps": "train.steps",
     "batch_size": "train.batch_size",
     "checkpoint_every": "train.checkpoint_every",
@@ -201,5 +204,16 @@ def load_config(path: str | os.PathLike | None = None, sets: list[str] = (), fla
     return config
 
 
+REDACTED = "<given; not recorded>"
+
+
+def recorded_config(config: dict) -> dict:
+    """The config as written to the run's files and shown: storage options (credentials) left out."""
+    run = config.get("run") or {}
+    if not run.get("storage_options"):
+        return config
+    return {**config, "run": {**run, "storage_options": REDACTED}}
+
+
 def dump_config(config: dict) -> str:
-    return yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
+    return yaml.safe_dump(recorded_config(config), sort_keys=False, default_flow_style=None)

@@ -28,9 +28,9 @@ import re
 import tarfile
 from typing import Iterable, Iterator
 
-import fsspec
 import numpy as np
 
+from l2r import storage
 from l2r.images import ImageDecodeError, decode_image, decode_mask, resize_and_crop, resize_and_crop_mask
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
@@ -67,9 +67,8 @@ def expand_braces(pattern: str) -> list[str]:
 
 def _filesystem_for(url: str, filesystem=None):
     """(filesystem, path without protocol) for a URL or local path."""
-    if filesystem is None:
-        return fsspec.core.url_to_fs(url)
-    return filesystem, filesystem._strip_protocol(url)
+    fs, path, _ = storage.resolve(url, filesystem=filesystem)
+    return fs, path
 
 
 def _as_url(fs, path: str, original: str) -> str:

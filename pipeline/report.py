@@ -38,7 +38,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from pipeline.attribute import MANIFEST, _filesystem, read_results
+from l2r import storage
+from pipeline.results import MANIFEST, read_results
 from pipeline.report_html import render_html
 from pipeline.report_images import gallery
 from pipeline.report_png import render_png
@@ -72,12 +73,7 @@ class ReportConfig:
 
 
 def read_manifest(results: str, storage_options: dict | None = None) -> dict | None:
-    fs, root, _ = _filesystem(results, None, storage_options)
-    try:
-        with fs.open(f"{root}/{MANIFEST}", "rb") as f:
-            return json.loads(f.read())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+    return storage.read_json(storage.join(results, MANIFEST), storage_options)
 
 
 def _class_names(table: pa.Table, storage_options: dict | None) -> dict | None:
@@ -86,12 +82,8 @@ def _class_names(table: pa.Table, storage_options: dict | None) -> dict | None:
     if not sources:
         return None
     folder = sources[0].rsplit("/", 1)[0] if "/" in sources[0] else "."
-    try:
-        fs, path, _ = _filesystem(f"{folder}/classes.json", None, storage_options)
-        with fs.open(path, "rb") as f:
-            return {str(k): str(v) for k, v in json.loads(f.read()).items()}
-    except Exception:
-        return None
+    names = storage.read_json(f"{folder}/classes.json", storage_options)
+    return {str(k): str(v) for k, v in names.items()} if isinstance(names, dict) else None
 
 
 def build_report(table: pa.Table, manifest: dict | None, results: str = "", resamples: int = 1000, seed: int = 0,
@@ -111,14 +103,6 @@ def build_report(table: pa.Table, manifest: dict | None, results: str = "", resa
         "per_class": per_class(table, methods, class_names),
         "curves": mean_curves(table, methods),
     }
-
-
-def _write_bytes(url: str, data: bytes, storage_options: dict | None) -> None:
-    fs, path, local = _filesystem(url, None, storage_options)
-    if local:
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "wb") as f:
-        f.write(data)
 
 
 def write_report(config: ReportConfig, log=None) -> dict:
@@ -142,10 +126,10 @@ def write_report(config: ReportConfig, log=None) -> dict:
     png = render_png(report, pictures)
     out = config.output.rstrip("/")
     files = {name: f"{out}/{name}" for name in (SUMMARY_MD, SUMMARY_JSON, REPORT_HTML, SUMMARY_PNG)}
-    _write_bytes(files[SUMMARY_MD], (markdown + "\n").encode(), config.storage_options)
-    _write_bytes(files[SUMMARY_JSON], (json.dumps(report, indent=1) + "\n").encode(), config.storage_options)
-    _write_bytes(files[REPORT_HTML], render_html(report, pictures).encode(), config.storage_options)
-    _write_bytes(files[SUMMARY_PNG], png, config.storage_options)
+    storage.write_bytes(files[SUMMARY_MD], (markdown + "\n").encode(), config.storage_options)
+    storage.write_bytes(files[SUMMARY_JSON], (json.dumps(report, indent=1) + "\n").encode(), config.storage_options)
+    storage.write_bytes(files[REPORT_HTML], render_html(report, pictures).encode(), config.storage_options)
+    storage.write_bytes(files[SUMMARY_PNG], png, config.storage_options)
     log(markdown)
     log(f"wrote {out}/: {SUMMARY_MD}, {SUMMARY_JSON}, {REPORT_HTML}, {SUMMARY_PNG}")
     log(f"look at it: open {files[REPORT_HTML]} (or {files[SUMMARY_PNG]}); on a remote machine: "

@@ -9,7 +9,8 @@ import io
 import numpy as np
 import pyarrow as pa
 
-from pipeline.attribute import EXPLAINER_METHOD
+from l2r import storage
+from pipeline.attribute_config import EXPLAINER_METHOD
 from pipeline.report_stats import sorted_rows, valid_rows
 
 # One colour per method, in the report's method order (curves, legends).
@@ -46,14 +47,6 @@ def png_data_uri(array: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _shard_filesystem(url: str, storage_options: dict | None):
-    if "://" not in url:
-        return None
-    import fsspec
-
-    return fsspec.filesystem(url.split("://", 1)[0], **(storage_options or {}))
-
-
 def load_images(wanted: list[tuple[str, str]], image_size, crop_pct: float, with_mask: bool,
                 storage_options: dict | None = None) -> dict:
     """``{(source, key): {"image", "mask"} or {"error"}}``: re-read and preprocessed like the job."""
@@ -66,7 +59,7 @@ def load_images(wanted: list[tuple[str, str]], image_size, crop_pct: float, with
     for source, keys in by_source.items():
         try:
             for row in iter_shard(source, image_size, crop_pct, with_mask=with_mask,
-                                  filesystem=_shard_filesystem(source, storage_options)):
+                                  filesystem=storage.filesystem_for(source, storage_options)):
                 if row["key"] in keys and row["error"] is None:
                     found[(source, row["key"])] = {"image": row["image"], "mask": row.get("mask")}
                 if len(found) == len(wanted):

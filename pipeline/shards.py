@@ -23,12 +23,13 @@ import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-import fsspec
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+from l2r import storage
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
@@ -198,7 +199,7 @@ def write_shards(
     progress: bool = True,
 ) -> list[str]:
     """Shuffle samples with ``seed``, write them as shards plus ``classes.json``; return the shard URLs."""
-    fs, directory = (filesystem, filesystem._strip_protocol(output)) if filesystem else fsspec.core.url_to_fs(output)
+    fs, directory, _ = storage.resolve(output, filesystem=filesystem)
     fs.makedirs(directory, exist_ok=True)
     order = np.random.default_rng(seed).permutation(len(samples))
     writer = ShardWriter(fs, directory, prefix, max_count, max_size)

@@ -9,8 +9,11 @@ share of the stream with `get_dataset_shard("train").iter_torch_batches`, and ru
 
 Run directory `<storage>/<name>/`: `config.yaml`, Ray Train's `checkpoint_*` dirs (each a
 `state.pt`: explainer, optimiser, scheduler, step, data position, config), `explainer/`
-(the final artifact, `l2r.artifact.write_artifact`), `metrics.jsonl` (every report, local
-storage only), `data/` (demo shards), `target.pt` (demo target), `keys/` (debug.record_keys).
+(the final artifact, `l2r.artifact.write_artifact`), `metrics.jsonl` (every report), `data/`
+(demo shards), `target.pt` (demo target), `keys/` (debug.record_keys, local storage only). The
+run directory, the data and the target checkpoint are reached through `l2r.storage` with
+`run.storage_options` (credentials, endpoint; never written to the run's files), from the
+driver and from every worker alike: on several nodes, use an s3:// (or other fsspec) storage.
 
 Reported metrics (means over the window since the last report, averaged over workers): loss,
 auc_desc, auc_asc, peak, tau, grid, lr, grad_norm, compute_s (time in `train_step`),
@@ -31,6 +34,7 @@ miss others of that epoch.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -43,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from l2r import storage as l2r_storage
 from l2r.artifact import save_artifact
 from l2r.augment import augment, decode_size
 from l2r.explainer import CONFIG_FILE as EXPLAINER_FILE, build_explainer
@@ -50,7 +55,7 @@ from l2r.images import to_tensor
 from l2r.metrics import deletion_insertion
 from l2r.objective import ObjectiveConfig, objective_backward
 from l2r.target_record import TargetRecord
-from pipeline.config import dump_config
+from pipeline.config import dump_config, recorded_config
 from pipeline.progress import (Progress, quiet_ray_data, quiet_train_reports, ray_init_kwargs, train_logging_config,
                                verbose_requested)
 
@@ -98,9 +103,18 @@ def target_record(config: dict) -> TargetRecord:
 def make_target(config: dict, device="cpu"):
     """(target model, its built record)."""
     record = target_record(config)
-    target = record.build(device)
+    target = record.build(device, storage_options(config))
     target.gradient_checkpointing = bool(config["target"]["gradient_checkpointing"])
     return target, record
+
+
+def _first(spec) -> str:
+    return spec if isinstance(spec, str) else spec[0]
+
+
+def storage_options(config: dict) -> dict | None:
+    """fsspec options for every URL of the run (run.storage_options)."""
+    return config["run"].get("storage_options")
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -142,7 +156,8 @@ def validate(explainer, target, images, vcfg) -> dict:
     }
 
 
-def load_val_images(urls: list[str], dcfg: dict, count: int, part: str = "all") -> torch.Tensor:
+def load_val_images(urls: list[str], dcfg: dict, count: int, part: str = "all",
+                    options: dict | None = None) -> torch.Tensor:
     """The first `count` good rows of the val shards (`part` of the holdout rule), read without Ray, as
     float (N,3,H,W)."""
     from pipeline.data import iter_shard
@@ -150,7 +165,7 @@ def load_val_images(urls: list[str], dcfg: dict, count: int, part: str = "all") 
     rows = []
     for url in urls:
         for row in iter_shard(url, dcfg["image_size"], dcfg["crop_pct"], holdout_every=dcfg["holdout_every"],
-                              part=part):
+                              part=part, filesystem=l2r_storage.filesystem_for(url, options)):
             if row["error"] is None:
                 rows.append(row["image"])
             if len(rows) >= count:
@@ -192,7 +207,7 @@ def _save_checkpoint(explainer, optimizer, scheduler, position: dict, config: di
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "position": position,
-            "config": config,
+            "config": recorded_config(config),
         },
         os.path.join(directory, STATE_FILE),
     )
@@ -250,9 +265,13 @@ def train_loop_per_worker(config: dict) -> None:
 
     val_images = None
     if rank == 0 and config.get("val_urls"):
-        val_images = load_val_images(config["val_urls"], dcfg, vcfg["images"], config.get("val_part", "all")).to(device)
+        val_images = load_val_images(config["val_urls"], dcfg, vcfg["images"], config.get("val_part", "all"),
+                                     storage_options(config)).to(device)
     keys_file = None
+    metrics_log = MetricsLog(config, start_step) if rank == 0 else None
     if config["debug"]["record_keys"]:
+        if l2r_storage.is_url(config["run_dir"]):
+            raise ValueError("debug.record_keys writes into the run directory with appends: local storage only")
         keys_dir = Path(config["run_dir"]) / "keys"
         keys_dir.mkdir(parents=True, exist_ok=True)
         keys_file = open(keys_dir / f"rank{rank}.txt", "a")
@@ -314,8 +333,9 @@ def train_loop_per_worker(config: dict) -> None:
             if final and rank == 0:
                 write_artifact(unwrap(explainer), record, config, step)
             if rank == 0:
-                append_metrics(config["run_dir"], metrics)
-                _write_text(f"{config['run_dir']}/{PROGRESS_FILE}", json.dumps({**metrics, "total": total}))
+                metrics_log.append(metrics)
+                l2r_storage.write_text(f"{config['run_dir']}/{PROGRESS_FILE}", json.dumps({**metrics, "total": total}),
+                                       storage_options(config))
             ray.train.report(metrics, checkpoint=ckpt)
             if ckpt_dir:
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -333,12 +353,31 @@ def train_loop_per_worker(config: dict) -> None:
         keys_file.close()
 
 
-def append_metrics(run_dir: str, metrics: dict) -> None:
-    """Rank 0 appends each report to <run_dir>/metrics.jsonl (local storage only: object stores cannot append)."""
-    if "://" in run_dir:
-        return
-    with open(Path(run_dir) / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({**metrics, "time": time.time()}) + "\n")
+class MetricsLog:
+    """<run_dir>/metrics.jsonl, one line per report, written by rank 0. Locally it is appended to;
+    object stores cannot append, so there the whole file is rewritten at each report (it is small).
+    A resumed run keeps the lines up to its checkpoint's step: the steps after it are trained again."""
+
+    def __init__(self, config: dict, start_step: int):
+        self.url, self.options = f"{config['run_dir']}/metrics.jsonl", storage_options(config)
+        self.append_locally = not l2r_storage.is_url(self.url)
+        self.lines = []
+        if not self.append_locally:
+            try:
+                text = l2r_storage.read_bytes(self.url, self.options).decode()
+            except FileNotFoundError:
+                text = ""
+            self.lines = [line for line in text.splitlines() if line.strip() and json.loads(line)["step"] <= start_step]
+
+    def append(self, metrics: dict) -> None:
+        line = json.dumps({**metrics, "time": time.time()})
+        if self.append_locally:
+            os.makedirs(os.path.dirname(self.url), exist_ok=True)
+            with open(self.url, "a") as f:
+                f.write(line + "\n")
+            return
+        self.lines.append(line)
+        l2r_storage.write_text(self.url, "\n".join(self.lines) + "\n", self.options)
 
 
 # ---------------------------------------------------------------- artifact
@@ -363,30 +402,24 @@ def write_artifact(explainer, record: TargetRecord, config: dict, step: int) -> 
     """The artifact into <run_dir>/explainer (written locally, then copied when the storage is remote)."""
     destination = f"{config['run_dir']}/explainer"
     metadata = artifact_metadata(config, step)
-    if "://" not in destination:
+    if not l2r_storage.is_url(destination):
         save_artifact(destination, explainer, record, metadata)
         return destination
-    import fsspec
-
     with tempfile.TemporaryDirectory() as tmp:
         save_artifact(tmp, explainer, record, metadata)
-        fs, path = fsspec.core.url_to_fs(destination)
-        for name in os.listdir(tmp):
-            fs.put(os.path.join(tmp, name), f"{path}/{name}")
+        l2r_storage.put_folder(tmp, destination, storage_options(config))
     return destination
 
 
 # ---------------------------------------------------------------- driver
 
 
-def data_identity(urls: list[str], dcfg: dict | None = None) -> dict:
+def data_identity(urls: list[str], dcfg: dict | None = None, options: dict | None = None) -> dict:
     """The training data's identity: its shard URLs, a hash of (URL, size) lines, and the split rule
     and augmentation (the held-out samples are those of `pipeline.data.in_part`)."""
-    import fsspec
-
     digest = hashlib.sha256()
     for url in urls:
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path, _ = l2r_storage.resolve(url, options)
         digest.update(f"{url}\t{fs.size(path)}\n".encode())
     identity = {"shards": urls, "sha256": digest.hexdigest()}
     if dcfg is not None and dcfg.get("holdout_every"):
@@ -404,14 +437,15 @@ def prepare_synthetic(config: dict) -> tuple[str, str]:
 
     scfg = config["data"]["synthetic"]
     out = f"{config['run_dir']}/data"
+    filesystem = l2r_storage.filesystem_for(out, storage_options(config))
     specs = []
     for prefix, count, seed in (("train", scfg["train"], config["seed"]), ("val", scfg["val"], config["seed"] + 1)):
         spec = f"{out}/{prefix}-*.tar"
         try:
-            expand_urls(spec)
+            expand_urls(spec, filesystem)
         except FileNotFoundError:
             make_shards(out, synthetic=count, size=scfg["size"], num_classes=scfg["num_classes"], prefix=prefix,
-                        max_count=scfg["shard_size"], seed=seed, progress=False)
+                        max_count=scfg["shard_size"], seed=seed, progress=False, filesystem=filesystem)
         specs.append(spec)
     return specs[0], specs[1]
 
@@ -422,14 +456,12 @@ def fit_target(config: dict, urls: list[str]) -> str:
     A target that already has a checkpoint is never touched. The file is <run_dir>/target.pt,
     reused on a rerun, so the artifact's target checksum stays the same.
     """
-    import fsspec
-
     from pipeline.data import iter_shard
 
     tcfg, dcfg = config["target"], config["data"]
     destination = f"{config['run_dir']}/target.pt"
-    fs, path = fsspec.core.url_to_fs(destination)
-    if fs.exists(path):
+    options = storage_options(config)
+    if l2r_storage.exists(destination, options):
         return destination
     torch.manual_seed(config["seed"])
     # The demo's own small model: trained here from its constructor's random weights.
@@ -444,7 +476,7 @@ def fit_target(config: dict, urls: list[str]) -> str:
         while True:
             for url in urls:
                 for row in iter_shard(url, dcfg["image_size"], dcfg["crop_pct"], holdout_every=dcfg["holdout_every"],
-                                      part="train"):
+                                      part="train", filesystem=l2r_storage.filesystem_for(url, options)):
                     if row["error"] is None and row["label"] >= 0:
                         yield row
 
@@ -463,20 +495,10 @@ def fit_target(config: dict, urls: list[str]) -> str:
         schedule.step()
         progress.update(step + 1, loss=loss.item())
     progress.close()
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.save(net.state_dict(), f"{tmp}/target.pt")
-        fs.makedirs(fs._parent(path), exist_ok=True)
-        fs.put(f"{tmp}/target.pt", path)
+    buffer = io.BytesIO()
+    torch.save(net.state_dict(), buffer)
+    l2r_storage.write_bytes(destination, buffer.getvalue(), options)
     return destination
-
-
-def _write_text(url: str, text: str) -> None:
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url)
-    fs.makedirs(fs._parent(path), exist_ok=True)
-    with fs.open(path, "w") as f:
-        f.write(text)
 
 
 class ProgressWatcher:
@@ -485,10 +507,10 @@ class ProgressWatcher:
     FIELDS = {"loss": "loss", "auc_desc": "soft del", "auc_asc": "soft ins", "val_deletion_auc": "val del",
               "val_insertion_auc": "val ins", "images_per_s": "img/s"}
 
-    def __init__(self, url: str, total: int, poll_seconds: float = 1.0):
+    def __init__(self, url: str, total: int, poll_seconds: float = 1.0, options: dict | None = None):
         import threading
 
-        self.url, self.poll_seconds = url, poll_seconds
+        self.url, self.poll_seconds, self.options = url, poll_seconds, options
         self.progress = Progress("train", total, "step", interval=30.0)
         self.seen = None
         self.stopped = threading.Event()
@@ -497,19 +519,12 @@ class ProgressWatcher:
         self.thread.start()
 
     def _remove_stale(self):
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(self.url)
-        if fs.exists(path):
-            fs.rm(path)  # a resumed run's old file would look like progress
+        l2r_storage.remove(self.url, self.options)  # a resumed run's old file would look like progress
 
     def _read(self) -> dict | None:
-        import fsspec
-
         try:
-            with fsspec.open(self.url, "r") as f:
-                return json.loads(f.read())
-        except (FileNotFoundError, ValueError, OSError):
+            return l2r_storage.read_json(self.url, self.options)
+        except OSError:
             return None
 
     def _watch(self):
@@ -556,13 +571,12 @@ def training_read_size(dcfg: dict) -> tuple:
 
 def finished_artifact(config: dict) -> str | None:
     """The run's artifact if it already holds the last step of this same training, else None."""
-    import fsspec
-
     artifact = f"{config['run_dir']}/explainer"
     try:
-        with fsspec.open(f"{artifact}/{EXPLAINER_FILE}", "r") as f:
-            document = json.loads(f.read())
-    except (FileNotFoundError, OSError, ValueError):
+        document = l2r_storage.read_json(f"{artifact}/{EXPLAINER_FILE}", storage_options(config))
+    except OSError:
+        return None
+    if not isinstance(document, dict):
         return None
     metadata, target = document.get("metadata", {}), document.get("metadata", {}).get("target") or {}
     same = (metadata.get("train") == config["train"]  # steps included
@@ -604,11 +618,13 @@ def run(config: dict, verbose: bool = True, ray_logs: bool = False, show_config:
         synthetic_train, synthetic_val = prepare_synthetic(config)
         train_spec = synthetic_train
         val_spec = val_spec or synthetic_val
-    train_urls = expand_urls(train_spec)
-    config["val_urls"] = expand_urls(val_spec) if val_spec else []
+    options = storage_options(config)
+    train_filesystem = l2r_storage.filesystem_for(_first(train_spec), options)
+    train_urls = expand_urls(train_spec, train_filesystem)
+    config["val_urls"] = expand_urls(val_spec, l2r_storage.filesystem_for(_first(val_spec), options)) if val_spec else []
     if val_spec is None and config["data"]["holdout_every"]:  # validate on what training holds back
         config["val_urls"], config["val_part"] = train_urls, "holdout"
-    config["data_identity"] = data_identity(train_urls, config["data"])
+    config["data_identity"] = data_identity(train_urls, config["data"], options)
     if config["target"]["checkpoint"] is None and config["target"]["fit_steps"] > 0:
         config["target"] = {**config["target"], "checkpoint": fit_target(config, train_urls)}
 
@@ -643,12 +659,12 @@ def run(config: dict, verbose: bool = True, ray_logs: bool = False, show_config:
                                       if node.get("Alive") and node["Resources"].get("CPU", 0) > 0])
     rcfg["cpus_per_worker"] = resolved
     needed = rcfg["workers"] * rcfg["cpus_per_worker"] + dcfg["read_cpus"]
-    _write_text(f"{config['run_dir']}/config.yaml", dump_config(config))
+    l2r_storage.write_text(f"{config['run_dir']}/config.yaml", dump_config(config), options)
     if ray.cluster_resources().get("CPU", 0) < needed:
         print(f"warning: the cluster has {ray.cluster_resources().get('CPU', 0)} CPUs; workers and one reader "
               f"need {needed} (reading may stall unless it scales up)", flush=True)
     ds = read_shards(train_urls, *training_read_size(dcfg), num_cpus=dcfg["read_cpus"],
-                     holdout_every=dcfg["holdout_every"], part="train")
+                     holdout_every=dcfg["holdout_every"], part="train", filesystem=train_filesystem)
     ds = ds.map_batches(to_training_columns, batch_format="numpy", num_cpus=dcfg["read_cpus"])
     if dcfg["materialize"]:
         ds = ds.materialize()
@@ -660,9 +676,12 @@ def run(config: dict, verbose: bool = True, ray_logs: bool = False, show_config:
         use_gpu=bool(rcfg["gpus"]),
         resources_per_worker={"CPU": rcfg["cpus_per_worker"], **({"GPU": 1} if rcfg["gpus"] else {})},
     )
+    # Ray Train's checkpoints go through the same fsspec filesystem and options as everything else.
+    storage_filesystem, storage_path = l2r_storage.pyarrow_filesystem(storage, options)
     run_config = ray.train.RunConfig(
         name=config["name"],
-        storage_path=storage,
+        storage_path=storage_path,
+        storage_filesystem=storage_filesystem,
         failure_config=ray.train.FailureConfig(max_failures=rcfg["max_failures"]),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config["train"]["keep_checkpoints"]),
         logging_config=train_logging_config(ray_logs),
@@ -671,7 +690,8 @@ def run(config: dict, verbose: bool = True, ray_logs: bool = False, show_config:
         train_loop_per_worker, train_loop_config=config, scaling_config=scaling, run_config=run_config,
         datasets={"train": ds},
     )
-    watcher = ProgressWatcher(f"{config['run_dir']}/{PROGRESS_FILE}", config["train"]["steps"]) if verbose else None
+    watcher = (ProgressWatcher(f"{config['run_dir']}/{PROGRESS_FILE}", config["train"]["steps"], options=options)
+               if verbose else None)
     try:
         result = trainer.fit()
     finally:

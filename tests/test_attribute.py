@@ -15,6 +15,8 @@ from l2r.target_record import TargetRecord
 from l2r.images import decode_heatmap, to_tensor
 from l2r.metrics import deletion_insertion
 from pipeline import attribute as att
+from pipeline.attributor import Attributor
+from pipeline.results import SCHEMA
 from pipeline.data import iter_shard
 from pipeline.shards import make_shards
 from tests.helpers import png_bytes, write_tar
@@ -87,7 +89,7 @@ def full_run(ray_local, assets):
 def test_schema_rows_and_manifest(assets, full_run):
     output, summary = full_run
     table = att.read_results(str(output))
-    assert table.schema == att.SCHEMA
+    assert table.schema == SCHEMA
     files = sorted(p.name for p in (output / "parquet").iterdir())
     assert files == [f"train-{i:04d}.parquet" for i in range(4)]  # one file per shard, nothing temporary
     assert pq.read_table(output / "parquet").num_rows == table.num_rows  # the folder reads as one dataset
@@ -230,8 +232,8 @@ def test_attributor_with_refinement_without_ray(assets):
     batch = {k: np.array([r[k] for r in rows], dtype=object) for k in ("key", "source", "error")}
     batch["image"] = np.stack([r["image"] for r in rows])
     batch["label"] = np.array([r["label"] for r in rows])
-    table = att.Attributor(settings)(batch)
-    assert table.schema == att.SCHEMA and table.num_rows == 2 * len(rows)
+    table = Attributor(settings)(batch)
+    assert table.schema == SCHEMA and table.num_rows == 2 * len(rows)
     good = [r for r in table.to_pylist() if r["error"] is None]
     # Explainer pass + 2 steps x 2 directions x k 16, + the exact check of both maps (K=6).
     refine_passes = 2 * 2 * 16 + 1 + 2 * (2 * (6 - 2) + 1)

@@ -19,6 +19,8 @@ from l2r.explainer import build_explainer, save_explainer
 from pipeline import attribute as att
 from pipeline import report as rep
 from pipeline import report_stats
+from pipeline.attributor import Attributor
+from pipeline.results import SCHEMA, Output, merge_parts, write_parts
 from pipeline.data import iter_shard
 from pipeline.shards import make_shards
 
@@ -48,22 +50,23 @@ def results(tmp_path_factory):
                                  explainer=str(root / "explainer"), methods=METHODS, with_mask=True)
     record = config.target_record()
     record.build()
-    attributor = att.Attributor({"device": "cpu", "threads": 1, "methods": METHODS, "method_options": {},
+    attributor = Attributor({"device": "cpu", "threads": 1, "methods": METHODS, "method_options": {},
                                  "protocol": config.protocol.to_dict(), "forward_batch": 128, "with_mask": True,
                                  "target": record.to_dict(), "explainer": config.explainer})
-    output = att.Output(config.output)
-    for url, name in att.output_names(shards).items():
+    output = Output(config.output)
+    names = att.output_names(shards)
+    for url, name in names.items():
         rows = list(iter_shard(url, SIZE, with_mask=True))
         batch = {k: np.array([r[k] for r in rows], dtype=object) for k in ("key", "source", "error")}
         batch["image"] = np.stack([r["image"] for r in rows])
         batch["mask"] = np.stack([r["mask"] for r in rows])
         batch["label"] = np.array([r["label"] for r in rows])
-        writer = output.open_shard(name)
-        writer.write(attributor(batch))
-        writer.commit()
-        output.write_json(output.marker_path(name), {"source": url, "stats": {}})
+        # The workers' write path: a part per batch, merged into the shard's file, then the marker.
+        parts = write_parts(output, names, attributor(batch)).column("part").to_pylist()
+        merge_parts(output.url, None, name, parts)
+        output.write_json(output.marker_url(name), {"source": url, "stats": {}})
     identity = att._identity(config, record, att.explainer_identity(config.explainer))
-    output.write_json(f"{output.root}/{att.MANIFEST}", {"config": config.to_dict(), "identity": identity,
+    output.write_json(output.manifest_url, {"config": config.to_dict(), "identity": identity,
                                                         "target": identity["target"],
                                                         "protocol": config.protocol.to_dict()})
     return root / "out"
@@ -122,11 +125,11 @@ def test_summary_equals_direct_computation(results, report):
 
 def synthetic_table(n: int, seed: int = 0) -> pa.Table:
     rng = np.random.default_rng(seed)
-    columns = {name: [None] * n for name in att.SCHEMA.names}
+    columns = {name: [None] * n for name in SCHEMA.names}
     columns.update(key=[f"k{i:05d}" for i in range(n)], source=["s.tar"] * n, method=["m"] * n,
                    target=[0] * n, deletion_auc=rng.beta(2, 5, n).tolist(), insertion_auc=rng.beta(5, 2, n).tolist(),
                    forward_passes=[1] * n, backward_passes=[0] * n, seconds=[0.01] * n, eval_seconds=[0.02] * n)
-    return pa.table(columns, schema=att.SCHEMA)
+    return pa.table(columns, schema=SCHEMA)
 
 
 def test_bootstrap_intervals_contain_the_mean_and_shrink_with_more_rows():
@@ -186,7 +189,7 @@ def test_report_config_validation(tmp_path):
     with pytest.raises(ValueError):
         rep.ReportConfig(results=str(tmp_path), resamples=0)
     assert rep.ReportConfig(results="s3://b/run/").output == "s3://b/run/report"
-    att.Output(str(tmp_path / "empty"))
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no finished shards"):
         rep.write_report(rep.ReportConfig(results=str(tmp_path / "empty")), log=lambda line: None)
 

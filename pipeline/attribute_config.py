@@ -1,0 +1,124 @@
+"""The attribution job's configuration: what a run is asked to do, recorded in its manifest."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+from l2r.metrics import Protocol
+
+EXPLAINER_METHOD = "l2r"
+# bf16 autocasts the passes (softmax stays float32, l2r.classifier); the curves themselves are
+# accumulated in float32 either way.
+PRECISIONS = ("fp32", "bf16")
+
+
+def all_methods() -> tuple[str, ...]:
+    from l2r.baselines import METHODS
+
+    return (EXPLAINER_METHOD, *METHODS)
+
+
+@dataclass
+class AttributeConfig:
+    """Everything a run needs; recorded in the manifest."""
+
+    shards: str | list[str]
+    output: str
+    target: str | None = None  # model spec: timm:NAME or package.module:callable; None: the explainer's
+    checkpoint: str | None = None  # weight file, local or fsspec URL (timm: replaces the pretrained weights)
+    random_init: bool = False  # explain an untrained model on purpose (recorded, warned about)
+    init_seed: int = 0  # seeds the model's construction (weights not read from a file)
+    background_logit: bool = False  # the model's logit 0 is a background class: dropped
+    model_kwargs: dict = field(default_factory=dict)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    input_size: tuple[int, int] | None = None
+    crop_pct: float = 1.0
+    explainer: str | None = None  # artifact directory or URL (needed for method l2r)
+    allow_target_mismatch: bool = False  # use the explainer with a target it was not trained for
+    methods: tuple[str, ...] = (EXPLAINER_METHOD,)
+    method_options: dict = field(default_factory=dict)  # {"rise": {"n_masks": 500}, ...}
+    refine_steps: int = 0  # test-time refinement of the l2r map (l2r.refine)
+    steps: int = Protocol.steps
+    reference: str = Protocol.reference
+    target_rule: str = Protocol.target  # prediction | ground_truth
+    with_mask: bool = False  # read mask.png of each sample; add pointing_hit and mask_auroc
+    holdout_every: int = 0  # > 0: only the samples a training run with data.holdout_every N held back
+    device: str = "auto"  # auto (GPU actors when the cluster has GPUs) | cpu | cuda
+    actors: int | None = None  # default: one per GPU; on CPU one per CPU left after reads
+    actor_cpus: float | None = None  # default: 1 per GPU actor; on CPU what reads leave, shared
+    actor_gpus: float = 1.0
+    threads: int | None = None  # torch threads per actor (default from actor_cpus)
+    batch_size: int | None = None  # images per actor call (default 64 CPU / 256 GPU)
+    forward_batch: int | None = None  # perturbed images per target forward (128 CPU / 1024 GPU)
+    precision: str = "fp32"  # fp32 | bf16 (autocast of every target/explainer pass; recorded in the protocol)
+    read_cpus: float = 0.25
+    storage_options: dict | None = None  # fsspec options for URL inputs/outputs
+    overwrite: bool = False
+    progress_interval: float = 30.0
+    ray_progress_bars: bool = False
+    address: str | None = None  # ray.init address (None: RAY_ADDRESS or a local instance)
+
+    def __post_init__(self):
+        if isinstance(self.methods, str):
+            self.methods = tuple(m.strip() for m in self.methods.split(",") if m.strip())
+        self.methods = tuple(self.methods)
+        known = all_methods()
+        unknown = [m for m in self.methods if m not in known]
+        if unknown or not self.methods:
+            raise ValueError(f"unknown methods {unknown}; choose from {known}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods repeated: {self.methods}")
+        if EXPLAINER_METHOD in self.methods and not self.explainer:
+            raise ValueError("method 'l2r' needs an explainer artifact directory (explainer=...)")
+        if self.target is None:
+            if not self.explainer:
+                raise ValueError("give the target model (target=... / --model) or an explainer artifact that records it")
+            self._target_from_artifact()
+        if self.refine_steps < 0:
+            raise ValueError("refine_steps must be >= 0")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        extra = set(self.method_options) - set(self.methods)
+        if extra:
+            raise ValueError(f"method_options for methods not run: {sorted(extra)}")
+        self.protocol  # validates steps/reference/target
+
+    def _target_from_artifact(self) -> None:
+        """Fill the target model from the explainer artifact's record (written by the training job)."""
+        from l2r.artifact import local_artifact, read_target_record
+
+        recorded = read_target_record(local_artifact(self.explainer, self.storage_options))
+        self.target = recorded.spec
+        self.checkpoint = recorded.checkpoint
+        self.random_init = recorded.random_init
+        self.init_seed = recorded.init_seed
+        self.background_logit = recorded.background_logit
+        self.model_kwargs = dict(recorded.kwargs)
+        self.mean, self.std, self.input_size = recorded.mean, recorded.std, recorded.input_size
+        self.crop_pct = recorded.crop_pct
+
+    def target_record(self):
+        """The target this run explains, as `l2r.target_record.TargetRecord` (not yet built)."""
+        from l2r.target_record import TargetRecord
+
+        checkpoint = self.checkpoint
+        if checkpoint and "://" not in str(checkpoint):
+            checkpoint = os.path.abspath(checkpoint)  # actors may run in another directory
+        return TargetRecord(spec=self.target, checkpoint=checkpoint, random_init=self.random_init,
+                            init_seed=self.init_seed, kwargs=self.model_kwargs, mean=self.mean, std=self.std,
+                            input_size=self.input_size, crop_pct=self.crop_pct,
+                            background_logit=self.background_logit)
+
+    @property
+    def protocol(self) -> Protocol:
+        return Protocol(steps=self.steps, reference=self.reference, target=self.target_rule)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
