@@ -68,6 +68,8 @@ def build_parser():
     p.add_argument("--actors", type=int, help="actor pool size (default: one per GPU, or one per CPU)")
     p.add_argument("--actor-cpus", type=float, help="CPUs per actor (fractions allowed)")
     p.add_argument("--actor-gpus", type=float, default=1.0, help="GPUs per actor")
+    p.add_argument("--actor-resources", type=json.loads, default={}, metavar="JSON",
+                   help='custom Ray resources per actor, to place actors on chosen nodes, e.g. \'{"gpu_node": 1}\'')
     p.add_argument("--threads", type=int, help="torch threads per actor")
     p.add_argument("--batch-size", type=int, help="images per actor call (default 64 CPU / 256 GPU)")
     p.add_argument("--forward-batch", type=int, help="perturbed images per target forward (128 CPU / 1024 GPU)")
@@ -110,6 +112,7 @@ def main(argv=None):
         actors=args.actors,
         actor_cpus=args.actor_cpus,
         actor_gpus=args.actor_gpus,
+        actor_resources=args.actor_resources,
         threads=args.threads,
         batch_size=args.batch_size,
         forward_batch=args.forward_batch,

@@ -279,6 +279,7 @@ def run_attribution(config: AttributeConfig, log: Callable[[str], None] | None =
             batch_format="numpy",
             num_cpus=plan["num_cpus"],
             num_gpus=plan["num_gpus"] or None,
+            resources=config.actor_resources or None,
             fn_constructor_kwargs={"settings": settings},
         )
         ds.context.execution_options.preserve_order = True  # shard i is complete when shard i+1 starts

@@ -51,6 +51,7 @@ class AttributeConfig:
     actors: int | None = None  # default: one per GPU; on CPU one per CPU left after reads
     actor_cpus: float | None = None  # default: 1 per GPU actor; on CPU what reads leave, shared
     actor_gpus: float = 1.0
+    actor_resources: dict = field(default_factory=dict)  # custom Ray resources per actor, e.g. {"gpu_node": 1}
     threads: int | None = None  # torch threads per actor (default from actor_cpus)
     batch_size: int | None = None  # images per actor call (default 64 CPU / 256 GPU)
     forward_batch: int | None = None  # perturbed images per target forward (128 CPU / 1024 GPU)

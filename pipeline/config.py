@@ -85,6 +85,7 @@ DEFAULTS: dict = {
         "storage": "~/l2r_runs",  # local folder or s3://bucket/prefix (shared storage when multi-node)
         # fsspec options (credentials, endpoint_url, ...) for every URL of the run; not written to its files
         "storage_options": None,
+        "worker_resources": None,  # custom Ray resources per worker, to place workers on chosen nodes: {"gpu_node": 1}
         "workers": 1,
         "gpus": False,
         "cpus_per_worker": 1,

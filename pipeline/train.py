@@ -18,8 +18,8 @@ driver and from every worker alike: on several nodes, use an s3:// (or other fss
 Reported metrics (means over the window since the last report, averaged over workers): loss,
 auc_desc, auc_asc, peak, tau, grid, lr, grad_norm, compute_s (time in `train_step`),
 step_time_s (loop time per step, data and Ray included), images_per_s (all workers), step,
-epoch, images_seen; with validation also val_deletion_auc, val_insertion_auc (exact, top-1
-target, `val.reference`).
+resumed_from (the checkpoint step the current attempt started at), epoch, images_seen; with
+validation also val_deletion_auc, val_insertion_auc (exact, top-1 target, `val.reference`).
 
 Resume and failures: a rerun with the same storage and name, or a worker group restarted
 by `FailureConfig(max_failures)`, loads the latest checkpoint and continues at its step
@@ -323,7 +323,8 @@ def train_loop_per_worker(config: dict) -> None:
                 continue
             elapsed = time.perf_counter() - window_start
             metrics = _mean_across_workers({k: v / window_steps for k, v in window.items()}, device)
-            metrics.update(step=step, epoch=position["epoch"], images_seen=position["images"],
+            # resumed_from: the checkpoint step this attempt started at (0: from scratch).
+            metrics.update(step=step, resumed_from=start_step, epoch=position["epoch"], images_seen=position["images"],
                            images_per_s=window_images / max(elapsed, 1e-9), step_time_s=elapsed / window_steps)
             if val_now and rank == 0:
                 metrics.update(validate(unwrap(explainer), target, val_images, vcfg))
@@ -674,7 +675,8 @@ def run(config: dict, verbose: bool = True, ray_logs: bool = False, show_config:
     scaling = ray.train.ScalingConfig(
         num_workers=rcfg["workers"],
         use_gpu=bool(rcfg["gpus"]),
-        resources_per_worker={"CPU": rcfg["cpus_per_worker"], **({"GPU": 1} if rcfg["gpus"] else {})},
+        resources_per_worker={"CPU": rcfg["cpus_per_worker"], **({"GPU": 1} if rcfg["gpus"] else {}),
+                              **(rcfg["worker_resources"] or {})},
     )
     # Ray Train's checkpoints go through the same fsspec filesystem and options as everything else.
     storage_filesystem, storage_path = l2r_storage.pyarrow_filesystem(storage, options)

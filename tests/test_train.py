@@ -8,11 +8,8 @@ import json
 import math
 import re
 import os
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +20,7 @@ from l2r.artifact import load_artifact
 from pipeline import config as C
 from pipeline.data import expand_urls, iter_shard
 from pipeline import train as T
+from tests.ray_nodes import RAY, RayNode
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "jobs" / "configs" / "demo.yaml"
@@ -232,75 +230,26 @@ def test_rerun_with_same_name_resumes_where_it_stopped(failing_run, capsys):
 # ---------------------------------------------------------------- `ray job submit` on a head of our own
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def processes_mentioning(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if text.encode() in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                pass
-    return pids
-
-
 @pytest.fixture
 def ray_head():
-    """A Ray head of our own (free ports, its own temp dir), stopped by killing only its processes.
-
-    `ray stop` would end every Ray on the machine, including the in-process Ray of other tests.
-    The head runs with `--block` in a new session; at the end we signal that process group and
-    then any process whose command line names our temp dir.
-    """
+    """A Ray head of our own (free ports, its own temp dir, a dashboard for `ray job submit`)."""
     if not Path("/proc").is_dir():
         pytest.skip("needs /proc to find the head's processes")
-    temp_dir = tempfile.mkdtemp(prefix="l2rray_", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
-    ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port", "node-manager-port",
-                                            "object-manager-port", "dashboard-agent-listen-port",
-                                            "dashboard-agent-grpc-port", "metrics-export-port",
-                                            "runtime-env-agent-port")}
-    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=4",
-               "--disable-usage-stats", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-               f"--temp-dir={temp_dir}"] + [f"--{k}={v}" for k, v in ports.items()]
-    log = open(Path(temp_dir) / "head.log", "w")
-    head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{ports['dashboard-port']}"
+    head = RayNode(ROOT, cpus=4, dashboard=True)
     try:
         deadline = time.time() + 180  # a loaded 2-core machine can take minutes
         while time.time() < deadline:
-            if head.poll() is not None:
-                raise RuntimeError(f"ray start exited: {(Path(temp_dir) / 'head.log').read_text()[-3000:]}")
-            ready = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "list", "--address", address],
-                                   env=env, capture_output=True, timeout=60)
+            head.check_running()
+            ready = subprocess.run([RAY, "job", "list", "--address", head.dashboard], env=head.env,
+                                   capture_output=True, timeout=60)
             if ready.returncode == 0:
                 break
             time.sleep(1)
         else:
             raise RuntimeError("Ray head did not come up in 180 s")
-        yield {"address": address, "env": env}
+        yield {"address": head.dashboard, "env": head.env}
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(head.pid, sig)
-            except ProcessLookupError:
-                pass
-            for pid in processes_mentioning(temp_dir):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            time.sleep(2 if sig == signal.SIGTERM else 0)
-        head.wait(timeout=30)
-        log.close()
+        head.kill()
 
 
 @pytest.mark.slow
