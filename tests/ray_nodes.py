@@ -73,8 +73,9 @@ class RayNode:
         if self.process.poll() is not None:
             raise RuntimeError(f"ray start exited: {(Path(self.temp_dir) / 'node.log').read_text()[-3000:]}")
 
-    def kill(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+    def kill(self, abrupt: bool = False) -> None:
+        """Stop the node; ``abrupt``: SIGKILL at once, as a machine that is lost."""
+        for sig in (signal.SIGKILL,) if abrupt else (signal.SIGTERM, signal.SIGKILL):
             try:
                 os.killpg(self.process.pid, sig)
             except ProcessLookupError:
