@@ -1,29 +1,27 @@
-"""End-to-end throughput of the attribution job against its bound and against a naive loop.
+"""End-to-end throughput of the attribution job against the whole machine's bound and a naive loop.
 
-On the shared CIFAR-10 test shards (a subset of ``--images``, copied into shards of
-``--shard-size`` without re-encoding) with the ResNet-20 target and an untrained explainer
-(throughput does not depend on training), this measures, in one run:
+Per model, on real images (the shared CIFAR-10 test shards for the ResNet-20 at 32 px; the
+shared ImageNet photos for the MobileNetV1 0.5 at 160 px), copied into shards of
+``--shard-size`` without re-encoding, with an explainer (an untrained one for the ResNet-20:
+throughput does not depend on training; the shipped one for the MobileNet):
 
-- ``job``: ``pipeline.attribute.run_attribution`` (Ray start-up excluded; actor start-up,
-  model loading, reading, decoding, the map, the exact curves, heatmap encoding and Parquet
-  writing included), in images/s;
-- ``bound``: ``forward_rate / (2K+1)``: bare target forwards of the same model at the job's
-  forward batch size, with the same number of torch threads, measured before and after the
-  job (the mean of the two; a shared machine drifts). The two curves need 2K forwards plus
-  one for the prediction; ``l2r.metrics`` shares their end points (2K-1 per image, the
-  reference once per batch), and the map (the explainer) costs about one to two more;
-- ``naive``: what a user would write first: per image, the map, then the curves one
-  perturbation at a time (2K+2 single-image forwards).
+- ``job``: ``pipeline.attribute.run_attribution`` with the job's **default plan** (actors,
+  threads, fast path) unless told otherwise, in images/s (Ray start-up excluded; actor start-up,
+  model loading, reading, decoding, the map, the exact curves, heatmap encoding and the Parquet
+  writes included);
+- ``bound``: the whole machine's eager fp32 forward rate divided by 2K+1 (the two curves need 2K
+  forwards plus one for the prediction). The forward rate is bare ``target(x)`` at the job's
+  forward batch, measured at every process x thread layout of the machine's cores (1 x N threads,
+  N x 1, and 2 x N/2 where N >= 4), all processes at once, and the best layout is taken; it is
+  measured before and after the job (the mean: a shared machine drifts);
+- ``naive`` (ResNet-20 only): what a user would write first: per image, the map, then the curves
+  one perturbation at a time (2K+2 single-image forwards).
 
-    python benchmarks/attribute.py [--images 2000] [--device cpu|cuda] [--actors N] [--threads T]
+    python benchmarks/attribute.py [--models resnet20,mobilenet] [--images 1000] [--device cpu|cuda]
 
-On a shared CPU machine wall-clock rates drift with other load, so CPU runs also report
-the same ratios per CPU second: the CPU time of every process of the job (driver, Ray's own
-processes, read tasks, actors; read from /proc) against the bare forward's CPU time.
-The bound for ``--actors`` > 1 is measured with actors x threads torch threads in one process.
-
-The last line printed is JSON: images_per_s, bound_images_per_s, fraction_of_bound,
-naive_images_per_s, speedup_vs_naive, the CPU-time ratios, and the settings.
+The last line printed is JSON: ``fraction_of_bound`` (ResNet-20, default plan, over the
+whole-machine eager bound) and ``fraction_of_eager_bound`` (MobileNetV1 at 160 px, the job's
+fast path, over the same kind of bound), then per model the rates, the layouts and the plan.
 """
 
 from __future__ import annotations
@@ -45,6 +43,26 @@ DEFAULT_SHARDS = SHARED / "data" / "cifar10" / "test-{0000..0001}.tar"
 CHECKPOINT = SHARED / "models" / "resnet20-12fca82f.th"
 SPEC = "benchmarks.resnet20:resnet20"
 MEAN, STD, SIZE = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 32
+MOBILENET_STATS = (0.50196, 0.50196, 0.50196)
+MODELS = {
+    "resnet20": {"shards": str(DEFAULT_SHARDS), "spec": SPEC, "checkpoint": str(CHECKPOINT), "mean": MEAN,
+                 "std": STD, "size": SIZE, "crop_pct": 1.0, "background_logit": False, "explainer": None},
+    "mobilenet": {"shards": str(SHARED / "data" / "imagenet-sample" / "val-0000.tar"),
+                  "spec": f"{SHARED / 'models' / 'mobilenet_v1.py'}:MobileNetV1",
+                  "checkpoint": str(SHARED / "models" / "mobilenet_v1_0.5_160.pth"), "mean": MOBILENET_STATS,
+                  "std": MOBILENET_STATS, "size": 160, "crop_pct": 0.875, "background_logit": True,
+                  "explainer": str(ROOT / "explainers" / "imagenet-sample-mobilenet")},
+}
+
+
+def build(model: str, checkpoint: str | None = None):
+    """(target, its settings) for a model of MODELS."""
+    from l2r.classifier import build_target
+
+    m = MODELS[model]
+    target = build_target(m["spec"], checkpoint=checkpoint or m["checkpoint"], mean=m["mean"], std=m["std"],
+                          input_size=(m["size"], m["size"]), background_logit=m["background_logit"])
+    return target, m
 
 
 def subset_shards(spec: str, images: int, shard_size: int, folder: Path, repeat: int = 1) -> list[str]:
@@ -97,42 +115,55 @@ def subset_shards(spec: str, images: int, shard_size: int, folder: Path, repeat:
     return paths
 
 
-def tree_cpu_seconds() -> dict[int, float]:
-    """CPU seconds (user + system) of this process and all its descendants (Ray starts under us)."""
-    from benchmarks.data_read import _tree
-
-    tick = os.sysconf("SC_CLK_TCK")
-    times = {}
-    for pid in _tree(os.getpid()):
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            times[pid] = (int(fields[11]) + int(fields[12])) / tick
-        except (OSError, IndexError, ValueError):
-            pass
-    return times
-
-
-def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
-    return sum(t - before.get(pid, 0.0) for pid, t in after.items())
-
-
-def forward_rate(target, batch: int, device, seconds: float = 4.0) -> tuple[float, float]:
-    """Bare target forwards (images) per wall second and per CPU second at a batch size."""
+def forward_rate(target, batch: int, device, seconds: float = 4.0, size: int = 32, barrier=None) -> float:
+    """Bare eager fp32 target forwards (images) per wall second at a batch size; ``barrier``: waited
+    on after the warm-up (so that the processes of a layout measure at the same time)."""
     import torch
 
-    x = torch.rand(batch, 3, SIZE, SIZE, device=device)
+    x = torch.rand(batch, 3, size, size, device=device)
     with torch.inference_mode():
         for _ in range(2):
             target(x)
+        if barrier is not None:
+            barrier.wait()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        n, start, cpu = 0, time.perf_counter(), time.process_time()
+        n, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
             target(x)
             n += batch
         if device.type == "cuda":
             torch.cuda.synchronize()
-    return n / (time.perf_counter() - start), n / max(time.process_time() - cpu, 1e-9)
+    return n / (time.perf_counter() - start)
+
+
+def _layout_process(model: str, threads: int, batch: int, barrier, queue) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    target, _ = build(model)
+    queue.put(forward_rate(target, batch, torch.device("cpu"), size=MODELS[model]["size"], barrier=barrier))
+
+
+def machine_forward_rate(model: str, batch: int, cpus: int) -> dict:
+    """The best whole-machine forward rate over process x thread layouts (all processes at once)."""
+    import multiprocessing
+
+    layouts = {(1, cpus), (cpus, 1)} | ({(2, cpus // 2)} if cpus >= 4 else set())
+    context = multiprocessing.get_context("spawn")
+    rates = {}
+    for processes, threads in sorted(layouts):
+        queue, barrier = context.Queue(), context.Barrier(processes)
+        workers = [context.Process(target=_layout_process, args=(model, threads, batch, barrier, queue))
+                   for _ in range(processes)]
+        for w in workers:
+            w.start()
+        total = sum(queue.get(timeout=600) for _ in workers)
+        for w in workers:
+            w.join()
+        rates[f"{processes}x{threads}"] = round(total, 1)
+    best = max(rates, key=rates.get)
+    return {"rate": rates[best], "layout": best, "layouts": rates}
 
 
 def naive_rate(target, explainer, shards: list[str], steps: int, images: int, device) -> tuple[float, float]:
@@ -172,106 +203,121 @@ def naive_rate(target, explainer, shards: list[str], steps: int, images: int, de
     raise ValueError("not enough images for the naive loop")
 
 
+def run_model(model: str, args, work: Path, cpus: int) -> dict:
+    import ray
+    import torch
+
+    from l2r.explainer import build_explainer, save_explainer
+    from pipeline.attribute import AttributeConfig, run_attribution
+
+    gpu = args.device == "cuda"
+    device = torch.device(args.device)
+    target, m = build(model, args.checkpoint if model == "resnet20" else None)
+    if model == "resnet20" and args.shards:
+        m = {**m, "shards": args.shards}
+    from pipeline.attribute import CPU_BATCHES, CPU_SMALL_IMAGE_PIXELS
+
+    # The bound runs at the job's own forward batch.
+    cpu_batches = CPU_BATCHES["small" if m["size"] ** 2 <= CPU_SMALL_IMAGE_PIXELS else "large"]
+    forward_batch = args.forward_batch or (1024 if gpu else cpu_batches["forward_batch"])
+    shards = subset_shards(m["shards"], args.images, args.shard_size, work / model / "shards", args.repeat)
+    explainer_dir = m["explainer"]
+    explainer = None
+    if explainer_dir is None:
+        torch.manual_seed(0)
+        explainer = build_explainer({"backbone": "target", "layers": ["layer1", "layer2", "layer3"],
+                                     "dim": args.explainer_dim, "head_dim": max(8, args.explainer_dim // 2)},
+                                    target=target)
+        explainer_dir = str(work / model / "explainer")
+        save_explainer(explainer_dir, explainer, {"note": "untrained, for throughput"})
+
+    def bound_rate() -> dict:
+        if gpu:
+            rate = forward_rate(target.to(device), forward_batch, device, size=m["size"])
+            return {"rate": round(rate, 1), "layout": "1 GPU", "layouts": {"1 GPU": round(rate, 1)}}
+        return machine_forward_rate(model, forward_batch, cpus)
+
+    before = bound_rate()
+    ray.init(num_cpus=cpus, num_gpus=1 if gpu else 0, include_dashboard=False, log_to_driver=False,
+             logging_level="ERROR")
+    config = AttributeConfig(
+        shards=shards, output=str(work / model / "out"), target=m["spec"], checkpoint=args.checkpoint
+        if model == "resnet20" else m["checkpoint"], mean=m["mean"], std=m["std"], input_size=(m["size"], m["size"]),
+        crop_pct=m["crop_pct"], background_logit=m["background_logit"], explainer=explainer_dir, methods=("l2r",),
+        steps=args.steps, device=args.device, actors=args.actors, actor_cpus=args.actor_cpus, threads=args.threads,
+        batch_size=args.batch_size, forward_batch=args.forward_batch, precision=args.precision,
+        fast_path=args.fast_path, allow_target_mismatch=explainer is None, overwrite=True, progress_interval=60,
+    )
+    start = time.perf_counter()
+    summary = run_attribution(config)
+    job_seconds = time.perf_counter() - start
+    manifest = json.loads((work / model / "out" / "manifest.json").read_text())
+    ray.shutdown()
+    after = bound_rate()
+    rate = (before["rate"] + after["rate"]) / 2
+    passes = 2 * args.steps + 1
+    job_rate = summary["images"] / job_seconds
+    result = {
+        "images_per_s": round(job_rate, 2),
+        "bound_images_per_s": round(rate / passes, 2),
+        "fraction": round(job_rate / (rate / passes), 3),
+        # Without the start-up (actors, model loading, the first read): what a long job reaches.
+        "fraction_after_startup": round(summary["images"] / (job_seconds - summary["startup_seconds"]) / (rate / passes), 3),
+        "startup_seconds": round(summary["startup_seconds"], 1),
+        "forward_rate": round(rate, 1),
+        "forward_rate_before_after": [before["rate"], after["rate"]],
+        "best_layout": before["layout"],
+        "layouts_before": before["layouts"],
+        "plan": manifest["plan"],
+        "images": summary["images"],
+        "errors": summary["errors"],
+        "job_seconds": round(job_seconds, 1),
+    }
+    if model == "resnet20":
+        torch.set_num_threads(1)
+        naive = naive_rate(target.to(device), explainer.to(device).eval(), shards, args.steps,
+                           args.naive_images or (100 if gpu else 30), device)[0]
+        result.update(naive_images_per_s=round(naive, 3), speedup_vs_naive=round(job_rate / naive, 1))
+    return result
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shards", default=str(DEFAULT_SHARDS))
-    p.add_argument("--checkpoint", default=str(CHECKPOINT))
-    p.add_argument("--images", type=int, default=2000)
-    p.add_argument("--shard-size", type=int, default=500)
+    p.add_argument("--models", default="resnet20,mobilenet", help="comma-separated, from " + ",".join(MODELS))
+    p.add_argument("--shards", default=None, help="the ResNet-20's shards (default: the shared CIFAR-10 test shards)")
+    p.add_argument("--checkpoint", default=str(CHECKPOINT), help="the ResNet-20's weights")
+    p.add_argument("--images", type=int, default=1000)
+    p.add_argument("--shard-size", type=int, default=250)
     p.add_argument("--repeat", type=int, default=1, help="copies of the image subset (a GPU needs many images)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--actors", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per actor")
+    p.add_argument("--actors", type=int, default=None, help="default: the job's plan")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per actor (default: the job's plan)")
     p.add_argument("--actor-cpus", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--forward-batch", type=int, default=None)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="the job's precision; the bound stays fp32 eager forwards")
+    p.add_argument("--fast-path", default="auto", help="the job's fast path; the bound stays eager")
     p.add_argument("--steps", type=int, default=21)
     p.add_argument("--explainer-dim", type=int, default=32)
     p.add_argument("--naive-images", type=int, default=None, help="default: 30 on CPU, 100 on GPU")
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
 
-    import ray
     import torch
 
-    from l2r.classifier import build_target
-    from l2r.explainer import build_explainer, save_explainer
-    from pipeline.attribute import AttributeConfig, run_attribution
-
     cpus = os.cpu_count() or 1
-    gpu = args.device == "cuda"
-    threads = args.threads
-    batch_size = args.batch_size or (256 if gpu else 64)
-    forward_batch = args.forward_batch or (1024 if gpu else 128)
-    device = torch.device(args.device)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="l2r-bench-attr-"))
-    shards = subset_shards(args.shards, args.images, args.shard_size, work / "shards", args.repeat)
-
-    torch.manual_seed(0)
-    target = build_target(SPEC, checkpoint=args.checkpoint, mean=MEAN, std=STD, input_size=(SIZE, SIZE))
-    explainer = build_explainer({"backbone": "target", "layers": ["layer1", "layer2", "layer3"],
-                                 "dim": args.explainer_dim, "head_dim": max(8, args.explainer_dim // 2)}, target=target)
-    save_explainer(work / "explainer", explainer, {"note": "untrained, for throughput"})
-    target.to(device)
-    explainer.to(device).eval()
-
-    torch.set_num_threads(threads * (1 if gpu else args.actors))
-    rate_before, cpu_rate_before = forward_rate(target, forward_batch, device)
-    ray.init(num_cpus=cpus, num_gpus=1 if gpu else 0, include_dashboard=False, log_to_driver=False,
-             logging_level="ERROR")
-    config = AttributeConfig(
-        shards=shards, output=str(work / "out"), target=SPEC, checkpoint=args.checkpoint, mean=MEAN, std=STD,
-        input_size=(SIZE, SIZE), explainer=str(work / "explainer"), methods=("l2r",), steps=args.steps,
-        device=args.device, actors=args.actors, actor_cpus=args.actor_cpus, threads=threads,
-        batch_size=batch_size, forward_batch=forward_batch, precision=args.precision, overwrite=True,
-        progress_interval=60,
-    )
-    cpu_before = tree_cpu_seconds()
-    start = time.perf_counter()
-    summary = run_attribution(config)
-    job_seconds = time.perf_counter() - start
-    job_cpu = cpu_delta(cpu_before, tree_cpu_seconds())
-    ray.shutdown()
-    torch.set_num_threads(threads * (1 if gpu else args.actors))
-    rate_after, cpu_rate_after = forward_rate(target, forward_batch, device)
-    rate, cpu_rate = (rate_before + rate_after) / 2, (cpu_rate_before + cpu_rate_after) / 2
-    job_rate = summary["images"] / job_seconds
-
-    torch.set_num_threads(threads)
-    naive, naive_cpu = naive_rate(target, explainer, shards, args.steps,
-                                  args.naive_images or (100 if gpu else 30), device)
-    passes = 2 * args.steps + 1
-    bound = rate / passes
-    result = {
-        "images_per_s": round(job_rate, 2),
-        "bound_images_per_s": round(bound, 2),
-        "fraction_of_bound": round(job_rate / bound, 3),
-        "naive_images_per_s": round(naive, 3),
-        "speedup_vs_naive": round(job_rate / naive, 1),
-        # Per CPU second of every process of the job (driver, Ray, readers, actors) against the
-        # bare forward's images per CPU second: immune to other load on a shared machine.
-        "images_per_cpu_s": round(summary["images"] / job_cpu, 2) if not gpu else None,
-        "fraction_of_bound_cpu_time": round(summary["images"] / job_cpu / (cpu_rate / passes), 3) if not gpu else None,
-        "speedup_vs_naive_cpu_time": round(summary["images"] / job_cpu / naive_cpu, 1) if not gpu else None,
-        "forward_rate": round(rate, 1),
-        "forward_rate_before_after": [round(rate_before, 1), round(rate_after, 1)],
-        "forward_rate_per_cpu_s": round(cpu_rate, 1),
-        "job_cpu_seconds": round(job_cpu, 1),
-        "images": summary["images"],
-        "errors": summary["errors"],
-        "job_seconds": round(job_seconds, 1),
-        "device": args.device if not gpu else torch.cuda.get_device_name(0),
-        "actors": args.actors,
-        "threads_per_actor": threads,
-        "batch_size": batch_size,
-        "forward_batch": forward_batch,
-        "steps": args.steps,
-        "precision": args.precision,
-        "explainer_dim": args.explainer_dim,
-        "cpus": cpus,
-    }
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    per_model = {model: run_model(model, args, work, cpus) for model in models}
+    result = {}
+    if "resnet20" in per_model:
+        result["fraction_of_bound"] = per_model["resnet20"]["fraction"]
+    if "mobilenet" in per_model:
+        result["fraction_of_eager_bound"] = per_model["mobilenet"]["fraction"]
+    result.update(per_model)
+    result.update(device=args.device if args.device == "cpu" else torch.cuda.get_device_name(0), cpus=cpus,
+                  steps=args.steps, precision=args.precision, fast_path=args.fast_path)
     print(json.dumps(result))
     return result
 

@@ -88,7 +88,7 @@ print(json.dumps(res))
 EOF
 
 for p in fp32 bf16; do
-  stage bench_$p 90 $PY benchmarks/attribute.py --device cuda --shards "$DATA/test-0000.tar" --checkpoint "$CKPT" \
+  stage bench_$p 90 $PY benchmarks/attribute.py --models resnet20 --device cuda --shards "$DATA/test-0000.tar" --checkpoint "$CKPT" \
       --images "$IMAGES" --repeat "$REPEAT" --shard-size 2500 --precision $p --naive-images 50 --workdir "$WORK/bench_$p"
 done
 

@@ -12,7 +12,9 @@ local Ray:
 - ``driver_peak_rss_growth_10x``: the attribution driver's peak RSS (its own process, from
   ``getrusage``) with 10x the images over 1x (K=3 and the ``random`` method, so that many images
   run in little time: the driver's work does not depend on the method);
-- ``driver_cpu_s_per_1000_images``: the driver's own CPU seconds per 1,000 images at 10x.
+- ``driver_cpu_s_per_1000_images``: the driver's own CPU seconds per 1,000 images at 10x;
+- the same driver figures with large maps: the shared MobileNetV1 at 160 px on the 500 shared
+  ImageNet photos (``driver_160px``), where each row carries a 160x160 map.
 
     python benchmarks/scaling.py [--images 300] [--train-steps 10]
 
@@ -68,9 +70,10 @@ def in_fresh_process(script: str, *args: str) -> str:
     return done.stdout
 
 
-def attribute(shards: list[str], explainer: str, out: str, **options) -> dict:
+def attribute(shards: list[str], explainer: str | None, out: str, **options) -> dict:
     config = dict(shards=shards, output=out, target=SPEC, checkpoint=str(CHECKPOINT), mean=MEAN, std=STD,
-                  input_size=(SIZE, SIZE), explainer=explainer, overwrite=True, progress_interval=3600, **options)
+                  input_size=(SIZE, SIZE), explainer=explainer, overwrite=True, progress_interval=3600)
+    config.update(options)
     return json.loads(in_fresh_process(ATTRIBUTE, json.dumps(config)).strip().splitlines()[-1])
 
 
@@ -120,6 +123,15 @@ def main(argv=None):
     result["driver_peak_rss_growth_10x"] = round(driver["10x"]["driver_peak_rss_mb"] / driver["1x"]["driver_peak_rss_mb"], 3)
     result["driver_cpu_s_per_1000_images"] = round(driver["10x"]["driver_cpu_s"] / driver["10x"]["images"] * 1000, 2)
     result["driver"] = {label: {k: round(v, 2) for k, v in r.items()} for label, r in driver.items()}
+    photos = SHARED / "data" / "imagenet-sample" / "val-0000.tar"
+    if photos.is_file():
+        stats = (0.50196,) * 3
+        large = attribute([str(photos)], None, str(work / "out-driver160"), methods=("random",), steps=3,
+                          target=f"{SHARED / 'models' / 'mobilenet_v1.py'}:MobileNetV1",
+                          checkpoint=str(SHARED / "models" / "mobilenet_v1_0.5_160.pth"), background_logit=True,
+                          input_size=(160, 160), crop_pct=0.875, mean=stats, std=stats, batch_size=16)
+        result["driver_160px"] = {k: round(v, 2) for k, v in large.items()}
+        result["driver_160px"]["driver_cpu_s_per_1000_images"] = round(large["driver_cpu_s"] / large["images"] * 1000, 2)
 
     if not args.skip_train:
         rates = {n: train(str(work / "runs"), f"workers{n}", n, args.train_steps) for n in (1, 2)}

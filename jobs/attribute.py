@@ -71,10 +71,12 @@ def build_parser():
     p.add_argument("--actor-resources", type=json.loads, default={}, metavar="JSON",
                    help='custom Ray resources per actor, to place actors on chosen nodes, e.g. \'{"gpu_node": 1}\'')
     p.add_argument("--threads", type=int, help="torch threads per actor")
-    p.add_argument("--batch-size", type=int, help="images per actor call (default 64 CPU / 256 GPU)")
-    p.add_argument("--forward-batch", type=int, help="perturbed images per target forward (128 CPU / 1024 GPU)")
+    p.add_argument("--batch-size", type=int, help="images per actor call (default CPU 64, 16 above 64x64 px; GPU 256)")
+    p.add_argument("--forward-batch", type=int, help="perturbed images per target forward (CPU 64, 16 above 64x64 px; GPU 1024)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="bf16: autocast the model passes (GPU fast path); recorded in the manifest")
+    p.add_argument("--fast-path", default="auto", choices=["auto", "eager", "channels_last", "compile"],
+                   help="how actors run the target for predictions and curves (auto: the measured default per device)")
     p.add_argument("--read-cpus", type=float, default=0.25, help="CPUs per shard read task")
     p.add_argument("--storage-options", help="JSON options for the fsspec filesystem of URL inputs/outputs")
     p.add_argument("--overwrite", action="store_true", help="discard earlier results in --output and start over")
@@ -113,6 +115,7 @@ def main(argv=None):
         actor_cpus=args.actor_cpus,
         actor_gpus=args.actor_gpus,
         actor_resources=args.actor_resources,
+        fast_path=args.fast_path,
         threads=args.threads,
         batch_size=args.batch_size,
         forward_batch=args.forward_batch,

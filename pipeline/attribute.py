@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Callable
 
 from l2r import storage
-from pipeline.attribute_config import EXPLAINER_METHOD, AttributeConfig, all_methods  # noqa: F401  (the job's API)
+from pipeline.attribute_config import (EXPLAINER_METHOD, AttributeConfig, all_methods,  # noqa: F401  (the job's API)
+                                       resolve_fast_path)
 from pipeline.attributor import AttributionWorker
 from pipeline.progress import Progress, quiet_ray_data
 from pipeline.results import (DONE_DIR, MANIFEST, MANIFEST_VERSION, PARQUET_DIR, Output, Stats,
@@ -69,8 +70,16 @@ def package_versions() -> dict:
 
 
 
-def _cluster_plan(config: AttributeConfig) -> dict:
-    """Device, actor count and per-actor resources, from the config and the cluster."""
+# CPU batches by image size, measured (RESULTS.md, benchmarks/attribute.py): forwards of large images
+# run at half speed in chunks of 128 (their activations leave the caches), and a smaller actor call
+# shows its first results sooner.
+CPU_SMALL_IMAGE_PIXELS = 64 * 64
+CPU_BATCHES = {"small": {"batch_size": 64, "forward_batch": 64}, "large": {"batch_size": 16, "forward_batch": 16}}
+
+
+def _cluster_plan(config: AttributeConfig, input_size: tuple[int, int] | None = None) -> dict:
+    """Device, actor count, per-actor resources, batches and fast path, from the config, the
+    cluster and the target's input size."""
     import ray
 
     resources = ray.cluster_resources()
@@ -78,6 +87,7 @@ def _cluster_plan(config: AttributeConfig) -> dict:
     device = config.device
     if device == "auto":
         device = "cuda" if gpus > 0 else "cpu"
+    fast_path = resolve_fast_path(config.fast_path, device)
     if device == "cuda":
         if gpus == 0:
             raise RuntimeError("device 'cuda' asked for, but the Ray cluster has no GPUs")
@@ -85,16 +95,24 @@ def _cluster_plan(config: AttributeConfig) -> dict:
         actor_cpus = config.actor_cpus if config.actor_cpus is not None else min(1.0, max(0.25, (cpus - 1) / actors))
         return {"device": "cuda", "actors": actors, "num_cpus": actor_cpus, "num_gpus": config.actor_gpus,
                 "threads": config.threads or max(1, int(actor_cpus)), "batch_size": config.batch_size or 256,
-                "forward_batch": config.forward_batch or 1024}
-    # Leave room for two read tasks so reading and writing are never starved by the actors.
+                "forward_batch": config.forward_batch or 1024, "fast_path": fast_path}
+    # The whole machine: one actor per CPU with one torch thread each (processes beat threads for the
+    # small forwards of the curves: benchmarks/attribute.py measures both layouts). The actors' logical
+    # CPUs leave room for two read tasks, so reading is never starved; their threads use every core.
     spare = max(cpus - 2 * config.read_cpus, 0.25)
-    # Processes scale better than threads for the small forwards of the curves: one actor per
-    # CPU, one thread each, unless told otherwise.
-    actors = config.actors or max(1, int(spare))
+    actors = config.actors or max(1, int(cpus))
     actor_cpus = config.actor_cpus if config.actor_cpus is not None else spare / actors
-    threads = config.threads or max(1, int(actor_cpus))
+    if config.threads:
+        threads = config.threads
+    elif config.actor_cpus is not None:
+        threads = max(1, int(actor_cpus))
+    else:
+        threads = max(1, int(cpus // actors))
+    h, w = input_size or config.input_size or (32, 32)
+    batches = CPU_BATCHES["small" if h * w <= CPU_SMALL_IMAGE_PIXELS else "large"]
     return {"device": "cpu", "actors": actors, "num_cpus": actor_cpus, "num_gpus": 0, "threads": threads,
-            "batch_size": config.batch_size or 64, "forward_batch": config.forward_batch or 128}
+            "batch_size": config.batch_size or batches["batch_size"],
+            "forward_batch": config.forward_batch or batches["forward_batch"], "fast_path": fast_path}
 
 
 def plan_shortfall(plan: dict, read_cpus: float) -> str | None:
@@ -216,7 +234,7 @@ def run_attribution(config: AttributeConfig, log: Callable[[str], None] | None =
     if not ray.is_initialized():
         ray.init(address=config.address, log_to_driver=False, logging_level="ERROR")
     quiet_ray_data()
-    plan = _cluster_plan(config)
+    plan = _cluster_plan(config, target.input_size)
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "status": "running",
@@ -225,7 +243,7 @@ def run_attribution(config: AttributeConfig, log: Callable[[str], None] | None =
         "identity": identity,
         "target": identity["target"],
         "explainer": explainer,
-        "protocol": {**config.protocol.to_dict(), "precision": config.precision},
+        "protocol": {**config.protocol.to_dict(), "precision": config.precision, "fast_path": plan["fast_path"]},
         "plan": plan,
         "versions": package_versions(),
         "layout": {"parquet": f"{PARQUET_DIR}/<shard>.parquet", "markers": f"{DONE_DIR}/<shard>.json"},
@@ -253,6 +271,7 @@ def run_attribution(config: AttributeConfig, log: Callable[[str], None] | None =
             "protocol": config.protocol.to_dict(),
             "forward_batch": plan["forward_batch"],
             "precision": config.precision,
+            "fast_path": plan["fast_path"],
             "target": record.to_dict(),
             "storage_options": config.storage_options,
             "explainer": storage.absolute(config.explainer) if explainer else None,
@@ -274,7 +293,9 @@ def run_attribution(config: AttributeConfig, log: Callable[[str], None] | None =
         ds.context.execution_no_progress_timeout_s = -1
         ds = ds.map_batches(
             AttributionWorker,
-            compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
+            # Two batches per actor at a time (one running, one queued): enough to keep it busy, and a
+            # small job's batches spread over every actor instead of queueing on the first.
+            compute=ray.data.ActorPoolStrategy(size=plan["actors"], max_tasks_in_flight_per_actor=2),
             batch_size=plan["batch_size"],
             batch_format="numpy",
             num_cpus=plan["num_cpus"],

@@ -13,6 +13,18 @@ EXPLAINER_METHOD = "l2r"
 # bf16 autocasts the passes (softmax stays float32, l2r.classifier); the curves themselves are
 # accumulated in float32 either way.
 PRECISIONS = ("fp32", "bf16")
+# How the actors run the target's forwards for predictions and curves (maps of gradient methods
+# always use the plain model): "eager" (the reference), "channels_last" (NHWC weights and
+# activations), "compile" (channels_last plus torch.compile; its compile time is paid once per
+# actor and shape, worth it for long jobs). All stay fp32 unless precision says otherwise, so
+# the AUCs stay those of eager fp32 (tests/test_attribute.py measures how close).
+FAST_PATHS = ("eager", "channels_last", "compile")
+# "auto": the fastest measured on each device (benchmarks/attribute.py --fast-path, RESULTS.md).
+FAST_PATH_DEFAULT = {"cpu": "channels_last", "cuda": "channels_last"}
+
+
+def resolve_fast_path(fast_path: str, device: str) -> str:
+    return FAST_PATH_DEFAULT[device] if fast_path == "auto" else fast_path
 
 
 def all_methods() -> tuple[str, ...]:
@@ -53,9 +65,10 @@ class AttributeConfig:
     actor_gpus: float = 1.0
     actor_resources: dict = field(default_factory=dict)  # custom Ray resources per actor, e.g. {"gpu_node": 1}
     threads: int | None = None  # torch threads per actor (default from actor_cpus)
-    batch_size: int | None = None  # images per actor call (default 64 CPU / 256 GPU)
-    forward_batch: int | None = None  # perturbed images per target forward (128 CPU / 1024 GPU)
+    batch_size: int | None = None  # images per actor call (default CPU 64, 16 above 64x64 px; GPU 256)
+    forward_batch: int | None = None  # perturbed images per target forward (CPU 64, 16 above 64x64 px; GPU 1024)
     precision: str = "fp32"  # fp32 | bf16 (autocast of every target/explainer pass; recorded in the protocol)
+    fast_path: str = "auto"  # auto | eager | channels_last | compile (FAST_PATHS; recorded in the protocol)
     read_cpus: float = 0.25
     storage_options: dict | None = None  # fsspec options for URL inputs/outputs
     overwrite: bool = False
@@ -85,6 +98,8 @@ class AttributeConfig:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.fast_path not in ("auto", *FAST_PATHS):
+            raise ValueError(f"fast_path must be auto or one of {FAST_PATHS}, got {self.fast_path!r}")
         extra = set(self.method_options) - set(self.methods)
         if extra:
             raise ValueError(f"method_options for methods not run: {sorted(extra)}")
