@@ -75,7 +75,7 @@ def build_parser():
     p.add_argument("--forward-batch", type=int, help="perturbed images per target forward (CPU 64, 16 above 64x64 px; GPU 1024)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="bf16: autocast the model passes (GPU fast path); recorded in the manifest")
-    p.add_argument("--fast-path", default="auto", choices=["auto", "eager", "channels_last", "compile"],
+    p.add_argument("--fast-path", default="auto", choices=["auto", "eager", "channels_last"],
                    help="how actors run the target for predictions and curves (auto: the measured default per device)")
     p.add_argument("--read-cpus", type=float, default=0.25, help="CPUs per shard read task")
     p.add_argument("--storage-options", help="JSON options for the fsspec filesystem of URL inputs/outputs")

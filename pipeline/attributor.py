@@ -57,14 +57,10 @@ class Attributor:
             # E.g. a checkpoint path that holds another file on this node than on the driver's.
             raise RuntimeError(f"target {record.spec}: the weights loaded on this node (sha256 "
                                f"{record.weights_sha256[:16]}...) are not the driver's ({expected[:16]}...)")
-        # The passes of predictions and curves (self.scorer) may take a fast path; maps of
-        # gradient methods use the plain module (torch.compile'd graphs run without autograd here).
         self.fast_path = settings.get("fast_path") or "eager"
-        if self.fast_path in ("channels_last", "compile"):
+        if self.fast_path == "channels_last":
             # NHWC weights: the convolutions run channels-last, inputs converted on the fly.
             self.target.to(memory_format=torch.channels_last)
-        # dynamic: one graph for every batch size (the curves' last chunk and the reference vary).
-        self.scorer = torch.compile(self.target, dynamic=True) if self.fast_path == "compile" else self.target
         self.explainer = None
         self.explainer_forwards = 0
         if EXPLAINER_METHOD in self.methods:
@@ -142,7 +138,7 @@ class Attributor:
             masks = torch.from_numpy(np.asarray(batch["mask"], dtype=bool)[idx]).to(self.device)
         if len(idx):
             images = to_tensor(batch["image"][idx]).to(self.device)
-            clean = predict(self.scorer, images, self.forward_batch)
+            clean = predict(self.target, images, self.forward_batch)
             pred_prob_t, pred_t = clean.max(dim=1)
             if self.protocol.target == "ground_truth":
                 targets = torch.as_tensor(labels[idx], device=self.device)
@@ -212,7 +208,7 @@ class Attributor:
         if bad.any():
             maps = torch.where(bad[:, None, None], torch.zeros_like(maps), maps)
         start = time.perf_counter()
-        result = deletion_insertion(self.scorer, images, maps, targets, steps=self.protocol.steps,
+        result = deletion_insertion(self.target, images, maps, targets, steps=self.protocol.steps,
                                     reference=self.protocol.reference, max_batch=self.forward_batch,
                                     clean_probs=clean)
         self._sync()

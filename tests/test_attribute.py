@@ -345,9 +345,8 @@ def test_one_large_shard_streams_back_in_batches(ray_local, assets, tmp_path):
     assert len({c for c in counts if c < 12}) >= 2, progress  # parts of the shard, before it was done
 
 
-@pytest.mark.parametrize("fast_path", ["channels_last", "compile"])
-def test_fast_paths_keep_the_eager_fp32_aucs(shared_cifar10, fast_path):
-    """The actors' fast paths on the real ResNet-20 and real CIFAR-10 images: every AUC within
+def test_the_fast_path_keeps_the_eager_fp32_aucs(shared_cifar10):
+    """The actors' fast path on the real ResNet-20 and real CIFAR-10 images: every AUC within
     0.005 of the eager fp32 one (the maps of both methods and their curves are recomputed)."""
     from tests.conftest import RESNET20
 
@@ -364,7 +363,7 @@ def test_fast_paths_keep_the_eager_fp32_aucs(shared_cifar10, fast_path):
                 "target": {"spec": "benchmarks.resnet20:resnet20", "checkpoint": str(RESNET20),
                            "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "input_size": (32, 32)}}
     eager = Attributor({**settings, "fast_path": "eager"})(batch).to_pylist()
-    fast = Attributor({**settings, "fast_path": fast_path})(batch).to_pylist()
+    fast = Attributor({**settings, "fast_path": "channels_last"})(batch).to_pylist()
     assert len(eager) == len(fast) == 48 and all(r["error"] is None for r in eager + fast)
     for e, f in zip(eager, fast):
         assert (e["key"], e["method"], e["pred"]) == (f["key"], f["method"], f["pred"])
