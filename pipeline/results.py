@@ -154,10 +154,11 @@ class Output:
 
 
 def _parquet_bytes(tables: list[pa.Table]) -> bytes:
+    """A part file: uncompressed, as it is read back once and merged (heatmaps are compressed already)."""
     import pyarrow.parquet as pq
 
     sink = pa.BufferOutputStream()
-    with pq.ParquetWriter(sink, SCHEMA, compression="zstd") as writer:
+    with pq.ParquetWriter(sink, SCHEMA, compression="none") as writer:
         for table in tables:
             writer.write_table(table)
     return sink.getvalue().to_pybytes()
