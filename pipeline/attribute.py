@@ -221,11 +221,13 @@ def run_attribution(config: AttributeConfig, log: Callable[[str], None] | None =
     stats = Stats(config.methods)
     todo, skipped = [], 0
     shard_log = {}
+    stale = output.names_with_parts()  # what an interrupted run wrote of unfinished shards
     for url in urls:
         marker = output.finished(names[url], url)
         if marker is None:
             todo.append(url)
-            output.clear_parts(names[url])  # what an interrupted run wrote of it
+            if names[url] in stale:
+                output.clear_parts(names[url])
         else:
             skipped += 1
             stats.add(marker["stats"])

@@ -65,12 +65,6 @@ def expand_braces(pattern: str) -> list[str]:
     return [url for option in options for url in expand_braces(head + option + tail)]
 
 
-def _filesystem_for(url: str, filesystem=None):
-    """(filesystem, path without protocol) for a URL or local path."""
-    fs, path, _ = storage.resolve(url, filesystem=filesystem)
-    return fs, path
-
-
 def _as_url(fs, path: str, original: str) -> str:
     # Keep local paths plain; give remote paths their protocol back (glob drops it).
     return fs.unstrip_protocol(path) if "://" in original else path
@@ -91,7 +85,7 @@ def expand_urls(spec: str | list[str], filesystem=None) -> list[str]:
     for one_spec in specs:
         found: list[str] = []
         for item in expand_braces(str(one_spec)):
-            fs, path = _filesystem_for(item, filesystem)
+            fs, path, _ = storage.resolve(item, filesystem=filesystem)
             if _GLOB_CHARS.search(path):
                 matches = fs.glob(path, detail=True)
                 found += [_as_url(fs, p, item) for p in sorted(matches) if matches[p]["type"] == "file"]
@@ -242,7 +236,7 @@ def iter_shard(url: str, image_size, crop_pct: float = 1.0, with_mask: bool = Fa
     current_key, members, done = None, {}, 0
     in_part(0, holdout_every, part)  # an unknown part fails here, before any reading
     try:
-        fs, path = _filesystem_for(url, filesystem)
+        fs, path, _ = storage.resolve(url, filesystem=filesystem)
         with fs.open(path, "rb") as fileobj:
             for key, suffix, data in _iter_tar_members(fileobj):
                 if key != current_key:

@@ -136,6 +136,11 @@ class Output:
                     storage.remove(url, self.storage_options, filesystem=self.filesystem)
         storage.remove(self._path(PARTS_DIR), self.storage_options, recursive=True, filesystem=self.filesystem)
 
+    def names_with_parts(self) -> set[str]:
+        """The shards that have a parts folder (one listing, not one request per shard)."""
+        return {url.rstrip("/").rsplit("/", 1)[-1]
+                for url in storage.listing(self._path(PARTS_DIR), self.storage_options, self.filesystem)}
+
     def clear_parts(self, name: str) -> None:
         """Remove what an interrupted run left of a shard's parts (it is redone from the start)."""
         storage.remove(self.parts_url(name), self.storage_options, recursive=True, filesystem=self.filesystem)
