@@ -209,6 +209,7 @@ def run_model(model: str, args, work: Path, cpus: int) -> dict:
 
     from l2r.explainer import build_explainer, save_explainer
     from pipeline.attribute import AttributeConfig, run_attribution
+    from pipeline.ray_connect import init_ray
 
     gpu = args.device == "cuda"
     device = torch.device(args.device)
@@ -238,7 +239,7 @@ def run_model(model: str, args, work: Path, cpus: int) -> dict:
         return machine_forward_rate(model, forward_batch, cpus)
 
     before = bound_rate()
-    ray.init(num_cpus=cpus, num_gpus=1 if gpu else 0, include_dashboard=False, log_to_driver=False,
+    init_ray("local", num_cpus=cpus, num_gpus=1 if gpu else 0, include_dashboard=False, log_to_driver=False,
              logging_level="ERROR")
     config = AttributeConfig(
         shards=shards, output=str(work / model / "out"), target=m["spec"], checkpoint=args.checkpoint

@@ -74,7 +74,7 @@ def main(argv=None):
     p.add_argument("--explainer", help="explainer artifact trained for --target-checkpoint")
     p.add_argument("--methods", default=",".join(BASELINES))
     p.add_argument("--steps", type=int, default=21)
-    p.add_argument("--reference", default="black", choices=["black", "mean", "blur"])
+    p.add_argument("--reference", default="black", choices=["black", "mean", "blur", "impute"])
     p.add_argument("--resamples", type=int, default=1000)
     p.add_argument("--output", help="keep shards, results and report.html here (default: a temporary folder)")
     args = p.parse_args(argv)

@@ -47,15 +47,19 @@ def run(config, label: str) -> dict:
     start = time.perf_counter()
     run_attribution(config, log=lambda line: print(f"[{label}] {line}", file=sys.stderr, flush=True))
     print(f"[{label}] {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    table = read_results(config.output).to_pylist()
-    scores, cost = {}, {}
-    for row in table:
-        if row.get("error"):
-            continue
-        scores.setdefault(row["method"], {})[row["key"]] = (row["deletion_auc"], row["insertion_auc"])
-        passes = (row.get("forward_passes") or 0) + (row.get("backward_passes") or 0)
-        cost[row["method"]] = passes
-    return {"scores": scores, "cost": cost}
+    rows = read_results(config.output).to_pylist()
+    cost = {row["method"]: (row.get("forward_passes") or 0) + (row.get("backward_passes") or 0)
+            for row in rows if not row.get("error")}
+    return {"scores": scores_by_method(rows), "cost": cost}
+
+
+def scores_by_method(rows) -> dict:
+    """{method: {key: (deletion AUC, insertion AUC)}} of result rows without an error, for `statistics`."""
+    scores = {}
+    for row in rows:
+        if not row.get("error"):
+            scores.setdefault(row["method"], {})[row["key"]] = (row["deletion_auc"], row["insertion_auc"])
+    return scores
 
 
 def statistics(scores: dict, reference_method: str, resamples: int) -> dict:

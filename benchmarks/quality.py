@@ -12,13 +12,22 @@ AUC per method with bootstrap intervals and the cost per image.
     python benchmarks/quality.py --images 200 --output runs/quality   # keep Parquet + report.html
     python benchmarks/quality.py --target-info runs/vit_cifar10.safetensors.json \
         --explainer ~/l2r_runs/cifar10-vit/explainer        # the ViT target (benchmarks/train_vit.py)
+    python benchmarks/quality.py --images 1000 --explainer cifar10-vit --reference impute,black,mean,blur
 
-The target is the shared ResNet-20 unless ``--target-info`` names the JSON that
-``benchmarks/train_vit.py`` writes beside its weights; with a ViT target the baselines are the
-ViT ones (vit_cam and attention rollout in place of Grad-CAM).
+The target is the explainer's own (the one its artifact records) when ``--explainer`` is given,
+else the shared ResNet-20; ``--target-info`` names the JSON that ``benchmarks/train_vit.py`` writes
+beside its weights instead. With a ViT target the baselines are the ViT ones (vit_cam and attention
+rollout in place of Grad-CAM).
 
-Prints the Markdown table; the last line is JSON: ``{"deletion_auc": {method: mean},
-"insertion_auc": {method: mean}, "cost": {method: target passes per image}, ...}`` (cost =
+``--reference`` takes several references: the job runs once with the first (every map computed
+and scored there), and the stored maps (their exact rankings) are scored again under each other
+reference with the same metric (``l2r.metrics.deletion_insertion``), so RISE's 1,000 target
+passes per image are paid once. The job runs the eager fp32 path (``fast_path="eager"``), the
+reference every score here shares.
+
+Prints the Markdown tables; the last line is JSON: ``{"references": {reference: {"deletion_auc":
+{method: mean}, "insertion_auc": {method: mean}, "paired": ...}}, "cost": {method: target passes
+per image}, ...}`` (cost =
 forward + backward passes of the target to produce one map; the exact curves cost the same
 2K-1 forwards for every method and are not counted).
 """
@@ -36,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.attribute import CHECKPOINT, MEAN, SIZE, SPEC, STD, subset_shards  # noqa: E402
+from l2r.perturbation import REFERENCES  # noqa: E402
 
 DEFAULT_SHARDS = ROOT.parent / "shared" / "data" / "cifar10" / "test-0000.tar"
 BASELINES = ("gradcam", "ig", "saliency", "rise", "random", "gaussian")
@@ -45,23 +55,30 @@ VIT_BASELINES = ("vit_cam", "rollout", "ig", "saliency", "rise", "random", "gaus
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=500, help="first N images of the shards")
-    p.add_argument("--explainer", help="explainer artifact folder (omit: baselines only)")
+    p.add_argument("--explainer", help="explainer: a shipped name (cifar10-resnet20, cifar10-vit) or an artifact "
+                   "folder (omit: baselines only)")
     p.add_argument("--methods", help=f"baselines to compare (default: {','.join(BASELINES)}; "
                    f"for a ViT: {','.join(VIT_BASELINES)})")
     p.add_argument("--target-info", help="JSON of the target (spec, kwargs, mean, std, input_size), e.g. from "
                    "benchmarks/train_vit.py; its weights are the same path without .json")
     p.add_argument("--shards", default=str(DEFAULT_SHARDS))
-    p.add_argument("--checkpoint", help="target weights (default: the shared ResNet-20, or --target-info's)")
+    p.add_argument("--checkpoint", help="target weights (default: the explainer's target, the shared ResNet-20, "
+                   "or --target-info's)")
     p.add_argument("--steps", type=int, default=21)
     p.add_argument("--refine-steps", type=int, default=0, help="test-time refinement of the l2r maps (l2r.refine)")
-    p.add_argument("--reference", default="black", choices=["black", "mean", "blur"])
+    p.add_argument("--reference", default="black", help=f"one or several of {','.join(REFERENCES)}, comma-separated")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--actors", type=int)
+    p.add_argument("--threads", type=int, help="torch threads per actor and for the re-scoring")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--resamples", type=int, default=1000)
     p.add_argument("--output", help="keep the results and write the HTML report here (default: a temporary folder)")
     p.add_argument("--gallery", type=int, default=8)
     args = p.parse_args(argv)
+    references = [r.strip() for r in args.reference.split(",") if r.strip()]
+    unknown = [r for r in references if r not in REFERENCES]
+    if unknown or not references:
+        p.error(f"unknown reference {unknown}; choose from {REFERENCES}")
 
     from benchmarks.resnet20 import CIFAR10_CLASSES
     from pipeline.attribute import EXPLAINER_METHOD, AttributeConfig, read_results, run_attribution
@@ -75,9 +92,14 @@ def main(argv=None):
         target = {"target": info["spec"], "checkpoint": args.target_info.removesuffix(".json"),
                   "model_kwargs": info.get("kwargs") or {}, "mean": tuple(info["mean"]), "std": tuple(info["std"]),
                   "input_size": tuple(info["input_size"])}
+    elif args.explainer:
+        from l2r.artifact import local_artifact, read_target_record
+
+        target = {"target": None}  # the job takes the artifact's record
+        spec = read_target_record(local_artifact(args.explainer)).spec
     if args.checkpoint:
         target["checkpoint"] = args.checkpoint
-    is_vit = "vit" in target["target"]
+    is_vit = "vit" in (target["target"] or spec)
     methods = [m.strip() for m in (args.methods or ",".join(VIT_BASELINES if is_vit else BASELINES)).split(",")
                if m.strip()]
     if args.explainer:
@@ -89,30 +111,86 @@ def main(argv=None):
 
     config = AttributeConfig(
         shards=shards, output=str(work / "results"), **target, explainer=args.explainer, methods=methods, steps=args.steps,
-        reference=args.reference, refine_steps=args.refine_steps, device=args.device, actors=args.actors, batch_size=args.batch_size,
-        overwrite=True,
+        reference=references[0], refine_steps=args.refine_steps, device=args.device, actors=args.actors,
+        threads=args.threads, batch_size=args.batch_size, fast_path="eager", overwrite=True,
     )
     start = time.perf_counter()
     run = run_attribution(config, log=lambda line: print(line, file=sys.stderr, flush=True))
     seconds = time.perf_counter() - start
     if args.output:
-        report = write_report(ReportConfig(results=config.output, gallery=args.gallery, resamples=args.resamples),
-                              log=lambda line: None)
-        stats = report["methods"]
-    else:
-        stats = summarize(read_results(config.output), resamples=args.resamples, methods=methods)
-    print(f"CIFAR-10 test, first {run['images']} images, target {target['target']}, {args.steps} steps, "
-          f"reference {args.reference}, target class = prediction; {seconds:.0f} s")
-    print(markdown_table(stats))
-    cost = {m: s["cost"]["forward_passes"] + s["cost"]["backward_passes"] for m, s in stats.items()
-            if s["cost"]["forward_passes"] is not None}
+        write_report(ReportConfig(results=config.output, gallery=args.gallery, resamples=args.resamples),
+                     log=lambda line: None)
+    table = read_results(config.output)
+    cost = {}
+    for m, s in summarize(table, resamples=1, methods=methods).items():
+        if s["cost"]["forward_passes"] is not None:
+            cost[m] = s["cost"]["forward_passes"] + s["cost"]["backward_passes"]
+    results = {}
+    for reference in references:
+        began = time.perf_counter()
+        if reference != references[0]:
+            table = rescore(table, config, reference, args.threads)
+        stats = summarize(table, resamples=args.resamples, methods=methods)
+        print(f"\nCIFAR-10 test, first {run['images']} images, target {config.target}, {args.steps} steps, "
+              f"reference {reference}, target class = prediction; "
+              f"{seconds if reference == references[0] else time.perf_counter() - began:.0f} s")
+        print(markdown_table(stats))
+        results[reference] = {"deletion_auc": {m: s["deletion_auc"]["mean"] for m, s in stats.items()},
+                              "insertion_auc": {m: s["insertion_auc"]["mean"] for m, s in stats.items()}}
+        if args.explainer:
+            # l2r - method on the same images, resampled together (an interval without 0 is a difference).
+            from benchmarks.imagenet_sample import markdown as paired_markdown
+            from benchmarks.imagenet_sample import scores_by_method
+            from benchmarks.imagenet_sample import statistics as paired_statistics
+
+            paired = paired_statistics(scores_by_method(table.to_pylist()), EXPLAINER_METHOD, args.resamples)
+            print(f"\npaired, {paired['images']} images, reference {reference}:")
+            print(paired_markdown(paired, cost, EXPLAINER_METHOD))
+            results[reference]["paired"] = {
+                m: {k: v for k, v in s.items() if k.startswith(f"{EXPLAINER_METHOD}_minus")}
+                for m, s in paired.items() if m not in ("images", EXPLAINER_METHOD)}
     print(json.dumps({
-        "deletion_auc": {m: s["deletion_auc"]["mean"] for m, s in stats.items()},
-        "insertion_auc": {m: s["insertion_auc"]["mean"] for m, s in stats.items()},
-        "cost": cost,
-        "images": run["images"], "errors": run["errors"], "seconds": seconds,
-        "explainer": args.explainer, "target": target["target"], "steps": args.steps, "reference": args.reference,
+        "references": results, "cost": cost, "images": run["images"], "errors": run["errors"], "seconds": seconds,
+        "explainer": args.explainer, "target": config.target, "steps": args.steps,
     }))
+
+
+def rescore(table, config, reference: str, threads: int | None = None):
+    """The results table with every stored map scored again under `reference` (same target, images,
+    target classes and steps; the stored ranking is the map's exact order)."""
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    from l2r.images import decode_heatmap, to_tensor
+    from l2r.metrics import deletion_insertion
+    from pipeline.data import iter_shard
+    from pipeline.results import SCHEMA
+
+    if threads:
+        torch.set_num_threads(threads)
+    target = config.target_record().build("cpu")
+    size = tuple(config.input_size or target.input_size)
+    images = {}
+    for url in sorted(set(table.column("source").to_pylist())):
+        for sample in iter_shard(url, size, config.crop_pct):
+            if sample["error"] is None:
+                images[(url, sample["key"])] = sample["image"]
+    rows = table.to_pylist()
+    valid = [r for r in rows if r["error"] is None]
+    for start in range(0, len(valid), 256):
+        chunk = valid[start:start + 256]
+        scores = deletion_insertion(
+            target, to_tensor(np.stack([images[(r["source"], r["key"])] for r in chunk])),
+            torch.from_numpy(np.stack([decode_heatmap(r["heatmap"]) for r in chunk])),
+            torch.tensor([r["target"] for r in chunk]), steps=config.steps, reference=reference,
+            impute_noise=config.impute_noise, impute_seed=config.impute_seed)
+        for j, r in enumerate(chunk):
+            for name in ("deletion_auc", "insertion_auc"):
+                r[name] = float(scores[name][j])
+            for name in ("deletion_curve", "insertion_curve"):
+                r[name] = scores[name][j].tolist()
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
 if __name__ == "__main__":

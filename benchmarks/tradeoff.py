@@ -48,7 +48,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from l2r.baselines import attribute
+    from l2r.methods import attribute
     from l2r.classifier import build_target
     from l2r.images import to_tensor
     from l2r.metrics import deletion_insertion

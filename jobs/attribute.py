@@ -19,6 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pipeline.attribute import AttributeConfig, all_methods, run_attribution  # noqa: E402
+from l2r.imputation import NOISE_SIGMA  # noqa: E402
+from l2r.perturbation import REFERENCES  # noqa: E402
 from pipeline.progress import filter_native_stderr  # noqa: E402
 
 
@@ -53,13 +55,20 @@ def build_parser():
     p.add_argument("--std", help="normalisation std")
     p.add_argument("--input-size", help="H,W or one side (needed for a user's model)")
     p.add_argument("--crop-pct", type=float, default=1.0, help="centre-crop fraction (timm eval: 0.875)")
-    p.add_argument("--explainer", help="explainer artifact folder or URL (model.safetensors + explainer.json)")
+    p.add_argument("--explainer", help="explainer artifact folder or URL (model.safetensors + explainer.json), "
+                   "or a shipped explainer's name (explainers/: cifar10-resnet20, cifar10-vit, imagenet-sample-mobilenet)")
     p.add_argument("--methods", default="l2r", help=f"comma-separated, from {','.join(all_methods())}")
     p.add_argument("--method-options", default="{}", help='JSON per method, e.g. \'{"rise": {"n_masks": 500}}\'')
     p.add_argument("--refine-steps", type=int, default=0, help="test-time refinement steps for l2r (0: off)")
     p.add_argument("--steps", type=int, default=21, help="fractions K of the curves (ends included)")
-    p.add_argument("--reference", default="black", choices=["black", "mean", "blur"])
+    p.add_argument("--reference", default="black", choices=REFERENCES,
+                   help="what removed pixels become; impute: ROAD's noisy linear imputation from the kept pixels")
+    p.add_argument("--impute-noise", type=float, default=NOISE_SIGMA, help="noise sigma of the impute reference")
+    p.add_argument("--impute-seed", type=int, default=0, help="seed of the impute reference's noise")
     p.add_argument("--target", default="prediction", choices=["prediction", "ground_truth"], help="class to explain")
+    p.add_argument("--sanity-check", type=int, nargs="?", const=3, default=0, metavar="STAGES",
+                   help="model randomisation sanity check: each map also on the target re-initialised from the top "
+                        "in STAGES cascading stages (default 3); Spearman correlation per stage in the output")
     p.add_argument("--holdout-every", type=int, default=0,
                    help="only the samples a training run with data.holdout_every N held back (1 in N per shard)")
     p.add_argument("--masks", action="store_true",
@@ -107,8 +116,11 @@ def main(argv=None):
         refine_steps=args.refine_steps,
         steps=args.steps,
         reference=args.reference,
+        impute_noise=args.impute_noise,
+        impute_seed=args.impute_seed,
         target_rule=args.target,
         with_mask=args.masks,
+        sanity_stages=args.sanity_check,
         holdout_every=args.holdout_every,
         device=args.device,
         actors=args.actors,

@@ -6,11 +6,12 @@
     maps = explainer.explain(images)
     scores = l2r.score(explainer.target, images, maps)
 
-- `load(path)`: an explainer artifact (folder or URL) with the target it was trained for;
+- `load(path)`: an explainer artifact (folder, URL, or a shipped explainer's name such as
+  "cifar10-resnet20") with the target it was trained for;
 - `load_target(spec, ...)`: a target model alone, from the same record the jobs use;
 - `preprocess(target, images)`: paths, bytes, PIL images or uint8 arrays -> (B,3,H,W) in [0,1],
   with the target's own resize and crop (the jobs' preprocessing);
-- `attribute(method, target, images, targets=None)`: any baseline by name (`l2r.baselines`);
+- `attribute(method, target, images, targets=None)`: any baseline by name (`l2r.methods`);
 - `score(target, images, maps, targets=None)`: the exact deletion/insertion protocol;
 - `report(results)`: the comparison report of an attribution job's output; a notebook shows its
   one-page picture (mean curves and a gallery).
@@ -81,7 +82,7 @@ def _targets(target, images, targets) -> torch.Tensor:
 
 def attribute(method: str, target, images: torch.Tensor, targets=None, **options) -> torch.Tensor:
     """Maps (B,H,W) of a baseline method (gradcam, ig, saliency, rise, random, gaussian, ...)."""
-    from l2r.baselines import attribute as run
+    from l2r.methods import attribute as run
 
     maps, _ = run(method, target, images, _targets(target, images, targets), **options)
     return maps

@@ -37,7 +37,14 @@ def read_target_record(path) -> TargetRecord:
     recorded = metadata.get("target")
     if not recorded or not recorded.get("spec"):
         raise ValueError(f"explainer artifact {path} does not record its target model; give the model explicitly")
+    # Training records absolute paths; a relative one (a shipped explainer's) is relative to the
+    # artifact folder, so the repository's explainers work from any checkout and directory.
+    checkpoint = recorded.get("checkpoint")
+    if checkpoint and "://" not in checkpoint and not Path(checkpoint).is_absolute():
+        recorded = {**recorded, "checkpoint": str((Path(path) / checkpoint).resolve())}
     for extra in metadata.get("import_paths", []):
+        if "://" not in extra and not Path(extra).is_absolute():
+            extra = str((Path(path) / extra).resolve())
         if extra not in sys.path:
             sys.path.append(extra)
     crop = metadata.get("crop_pct")  # artifacts written before the record held crop_pct
@@ -63,14 +70,41 @@ def load_artifact(path, device="cpu", record: TargetRecord | None = None, allow_
     return explainer.to(device).eval(), target, record, metadata
 
 
+# Explainers trained by the project's own training job, kept in the repository with their config
+# and metrics.jsonl: loadable by folder name (e.g. "cifar10-resnet20").
+SHIPPED = Path(__file__).resolve().parents[1] / "explainers"
+
+
+def shipped_explainers() -> list[str]:
+    if not SHIPPED.is_dir():
+        return []
+    return sorted(p.name for p in SHIPPED.iterdir() if (p / CONFIG_FILE).is_file())
+
+
+def resolve_explainer(path) -> str:
+    """A shipped explainer's name -> its folder; a folder or URL is returned as given."""
+    path = str(path)
+    if "://" in path or Path(path).exists():
+        return path
+    shipped = ", ".join(shipped_explainers()) or "none"
+    if "/" not in path and "\\" not in path:  # a bare name: a shipped explainer, or a folder here
+        if path in shipped_explainers():
+            return str(SHIPPED / path)
+        raise FileNotFoundError(f"explainer {path!r}: not a shipped explainer (shipped: {shipped}) "
+                                f"and no folder of that name with {CONFIG_FILE}")
+    raise FileNotFoundError(f"explainer {path!r}: no such folder (an artifact folder holds {CONFIG_FILE} "
+                            f"and model.safetensors); shipped explainers by name: {shipped}")
+
+
 def local_artifact(path, storage_options: dict | None = None) -> str:
-    """A local folder for an artifact given as a folder or an fsspec URL (s3://...: its two files are
-    fetched once per node into the cache of `l2r.target_record.fetch`)."""
+    """A local folder for an artifact given as a shipped explainer's name, a folder or an fsspec URL
+    (s3://...: its two files are fetched once per node into the cache of `l2r.target_record.fetch`)."""
     from l2r.explainer import WEIGHTS_FILE
     from l2r.target_record import fetch
 
     path = str(path)
     if "://" not in path:
+        path = resolve_explainer(path)
         return path
     base = path.rstrip("/")
     files = [fetch(f"{base}/{name}", storage_options) for name in (CONFIG_FILE, WEIGHTS_FILE)]

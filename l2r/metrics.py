@@ -12,11 +12,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from l2r.perturbation import REFERENCES, deletion_counts, fractions, make_reference
+from l2r.imputation import NOISE_SIGMA
+from l2r.perturbation import (REFERENCES, deletion_counts, delete_pixels, fractions, is_constant_reference,
+                              make_reference)
 from l2r.ranking import pixel_ranks
 
 # Names as in METHOD.md and l2r.objective: the top-1 prediction or the ground-truth label.
 TARGET_RULES = ("prediction", "ground_truth")
+IMPUTE_CHUNK_VALUES = 1 << 23  # pixel values per imputation call (32 MB per float32 tensor)
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,9 @@ class Protocol:
     steps: int = 21
     reference: str = "black"
     target: str = "prediction"
+    # The "impute" reference's noise (sigma, and the seed of its one noise field).
+    impute_noise: float = NOISE_SIGMA
+    impute_seed: int = 0
 
     def __post_init__(self):
         if self.steps < 2:
@@ -34,9 +40,15 @@ class Protocol:
             raise ValueError(f"unknown reference {self.reference!r}; choose one of {REFERENCES}")
         if self.target not in TARGET_RULES:
             raise ValueError(f"unknown target rule {self.target!r}; choose one of {TARGET_RULES}")
+        if not self.impute_noise >= 0:
+            raise ValueError(f"impute_noise must be >= 0, got {self.impute_noise}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        settings = asdict(self)
+        if self.reference != "impute":  # the noise means nothing to other references
+            settings.pop("impute_noise")
+            settings.pop("impute_seed")
+        return settings
 
 
 def auc(curves: torch.Tensor, fracs: torch.Tensor) -> torch.Tensor:
@@ -50,10 +62,6 @@ def predict(model, images: torch.Tensor, max_batch: int = 1024) -> torch.Tensor:
     return torch.cat([model(chunk) for chunk in images.split(max_batch)])
 
 
-def _is_constant_reference(kind: str) -> bool:
-    return kind in ("black", "mean")
-
-
 @torch.inference_mode()
 def deletion_insertion(
     model,
@@ -64,18 +72,21 @@ def deletion_insertion(
     reference: str = "black",
     max_batch: int = 1024,
     clean_probs: torch.Tensor | None = None,
+    impute_noise: float = NOISE_SIGMA,
+    impute_seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Exact curves for maps (B, H, W) or (B, 1, H, W) on images (B, 3, H, W).
 
     targets None means the top-1 prediction. Returns `deletion_curve` (B, K) over the
     fraction deleted, `insertion_curve` (B, K) over the fraction inserted (the curve of
     deleting least-important-first, read backwards), their AUCs (B,), `targets`,
-    `clean_probs` (B, C) and `fractions` (K,).
+    `clean_probs` (B, C) and `fractions` (K,). `impute_noise` and `impute_seed` apply to
+    the "impute" reference only.
     """
     b, _, h, w = images.shape
     if maps.shape[0] != b or maps.shape[-2:] != (h, w) or maps.numel() != b * h * w:
         raise ValueError(f"maps {tuple(maps.shape)} do not fit images {tuple(images.shape)}")
-    Protocol(steps=steps, reference=reference)  # validates
+    Protocol(steps=steps, reference=reference, impute_noise=impute_noise, impute_seed=impute_seed)  # validates
     device = images.device
     fracs = fractions(steps, device)
     if clean_probs is None:
@@ -86,10 +97,12 @@ def deletion_insertion(
     rows = torch.arange(b, device=device)
     y_clean = clean_probs[rows, targets]
 
-    refs = make_reference(images, reference)
-    if _is_constant_reference(reference):
+    impute_options = {"impute_noise": impute_noise, "impute_seed": impute_seed}
+    if is_constant_reference(reference):
+        refs = make_reference(images[:1], reference, **impute_options).expand_as(images)
         y_ref = model(refs[:1])[0, targets]
     else:
+        refs = make_reference(images, reference)
         y_ref = predict(model, refs, max_batch)[rows, targets]
 
     # Interior steps only: p=0 is the clean image, p=1 the reference, for both curves.
@@ -99,17 +112,23 @@ def deletion_insertion(
     # Job j -> (image, direction, step); direction 0 = deletion, 1 = reversed deletion.
     n_jobs = b * 2 * k_inner
     y_inner = torch.empty(n_jobs, device=device, dtype=clean_probs.dtype)
-    for start in range(0, n_jobs, max_batch):
-        job = torch.arange(start, min(start + max_batch, n_jobs), device=device)
+    # The imputation is a batched solve whose per-call cost is mostly fixed: it gets larger
+    # chunks than the forward (IMPUTE_CHUNK_VALUES pixel values), then forwards go in max_batch.
+    chunk = max(max_batch, IMPUTE_CHUNK_VALUES // images[0].numel()) if reference == "impute" else max_batch
+    for start in range(0, n_jobs, chunk):
+        job = torch.arange(start, min(start + chunk, n_jobs), device=device)
         img, rest = job // (2 * k_inner), job % (2 * k_inner)
         direction, step = rest // k_inner, rest % k_inner
         r = ranks[img]
         # Reversed deletion removes the least important first: rank >= HW - count.
         order = torch.where(direction[:, None] == 0, r, h * w - 1 - r)
         mask = (order < counts[step][:, None].to(torch.int32)).view(-1, 1, h, w)
-        perturbed = torch.where(mask, refs[img], images[img])
-        probs = model(perturbed)
-        y_inner[start : start + len(job)] = probs[torch.arange(len(job), device=device), targets[img]]
+        perturbed = delete_pixels(images[img], mask, reference, refs[img], **impute_options)
+        for offset in range(0, len(job), max_batch):
+            part = slice(offset, offset + max_batch)
+            probs = model(perturbed[part])
+            picked = probs[torch.arange(len(probs), device=device), targets[img[part]]]
+            y_inner[start + offset : start + offset + len(probs)] = picked
 
     y_inner = y_inner.view(b, 2, k_inner)
     deletion = torch.cat([y_clean[:, None], y_inner[:, 0], y_ref[:, None]], dim=1)

@@ -19,9 +19,9 @@ from l2r.perturbation import (
     blend,
     fractions,
     grid_to_pixels,
-    make_reference,
     smooth_masks,
     soft_deletion_masks,
+    soft_references,
 )
 from l2r.ranking import gumbel_sinkhorn
 
@@ -38,7 +38,7 @@ class ObjectiveConfig:
     tau_end: float = 0.3
     peak_weight: float = 0.0025
     peak_window: int = 15
-    reference: str = "all"  # black | mean | blur | all (one at random per step)
+    reference: str = "all"  # black | mean | blur | impute | all (one at random per step)
     targets: str = "prediction_and_ground_truth"
     smooth_sigma: float = 1.0
     noise: bool = True
@@ -132,9 +132,13 @@ def soft_masks(
 
 
 def perturbed_target_probs(model, images, refs, masks, targets, autocast: bool = False) -> torch.Tensor:
-    """f(lerp(x, r, M_k))[c] for every mask: (B, M) from masks (B, M, H, W)."""
+    """f(lerp(x, r, M_k))[c] for every mask: (B, M) from masks (B, M, H, W).
+
+    refs: (B, 1, 3, H, W) for one reference per image, (B, M, 3, H, W) for one per mask
+    (`l2r.perturbation.soft_references`).
+    """
     b, m, h, w = masks.shape
-    x = blend(images[:, None], refs[:, None], masks[:, :, None]).reshape(b * m, -1, h, w)
+    x = blend(images[:, None], refs, masks[:, :, None]).reshape(b * m, -1, h, w)
     ctx = torch.autocast(images.device.type, dtype=torch.bfloat16) if autocast else nullcontext()
     with ctx:
         probs = model(x).float()
@@ -178,7 +182,7 @@ def objective_backward(
     scores = F.adaptive_avg_pool2d(maps, grid).flatten(1)
     tau = tau_at(progress, cfg.tau_start, cfg.tau_end)
     masks = soft_masks(scores, grid, (h, w), tau, cfg, noise=cfg.noise, generator=generator)
-    refs = make_reference(x, pick_reference(cfg, generator))
+    refs = soft_references(x, masks, pick_reference(cfg, generator), generator)
     peak = peak_penalty(maps, cfg.peak_window)
 
     k = cfg.k_train
@@ -212,12 +216,13 @@ def _chunked_mask_grad(model, x, refs, masks, targets, dy, chunk_size, autocast)
     flat_leaf = leaf.view(b * m, *masks.shape[2:])
     image_of = torch.arange(b, device=x.device).repeat_interleave(m)
     step_of = torch.arange(m, device=x.device).repeat(b)
+    ref_of = step_of if refs.shape[1] == m else torch.zeros_like(step_of)  # one reference per mask, or per image
     y = torch.empty(b * m, device=x.device)
     for start in range(0, b * m, chunk_size):
         idx = slice(start, min(start + chunk_size, b * m))
         img = image_of[idx]
         y_chunk = perturbed_target_probs(
-            model, x[img], refs[img], flat_leaf[idx][:, None], targets[img], autocast
+            model, x[img], refs[img, ref_of[idx]][:, None], flat_leaf[idx][:, None], targets[img], autocast
         ).view(-1)
         (y_chunk * dy[step_of[idx]]).sum().backward()
         y[idx] = y_chunk.detach()

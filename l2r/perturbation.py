@@ -9,10 +9,12 @@ import math
 import torch
 import torch.nn.functional as F
 
+from l2r.imputation import MEAN_COLOUR, NOISE_SIGMA, impute
 from l2r.ranking import pixel_ranks
 
-REFERENCES = ("black", "mean", "blur")
-MEAN_COLOUR = (0.485, 0.456, 0.406)
+REFERENCES = ("black", "mean", "blur", "impute")
+# A pixel at least this deleted counts as removed when a soft mask meets the imputation.
+IMPUTE_SOFT_THRESHOLD = 0.5
 # The paper's blur: kernel 37, sigma 37 at 224 px; both scale with image size.
 BLUR_AT_224 = 37.0
 
@@ -44,8 +46,15 @@ def gaussian_blur(images: torch.Tensor, sigma: float, size: int) -> torch.Tensor
     return flat.reshape(b, c, h, w)
 
 
-def make_reference(images: torch.Tensor, kind: str) -> torch.Tensor:
-    """The substrate deleted pixels turn into: black, mean colour, or a blur of the image."""
+def make_reference(images: torch.Tensor, kind: str, impute_noise: float = NOISE_SIGMA,
+                   impute_seed: int = 0) -> torch.Tensor:
+    """The substrate deleted pixels turn into: black, mean colour, or a blur of the image.
+
+    For "impute" it is the image with every pixel removed (the mean colour plus the noise),
+    the end point of every curve; in between, `delete_pixels` imputes from the kept pixels.
+    """
+    if kind == "impute":
+        return impute(images, torch.ones_like(images[:, :1], dtype=torch.bool), impute_noise, impute_seed)
     if kind == "black":
         return torch.zeros_like(images)
     if kind == "mean":
@@ -55,6 +64,42 @@ def make_reference(images: torch.Tensor, kind: str) -> torch.Tensor:
         scale = BLUR_AT_224 * images.shape[-2] / 224.0
         return gaussian_blur(images, sigma=scale, size=round(scale))
     raise ValueError(f"unknown reference {kind!r}; choose one of {REFERENCES}")
+
+
+def is_constant_reference(kind: str) -> bool:
+    """Whether the fully deleted image is the same for every image (one forward serves all)."""
+    return kind in ("black", "mean", "impute")
+
+
+def delete_pixels(images: torch.Tensor, masks: torch.Tensor, kind: str, reference: torch.Tensor | None = None,
+                  impute_noise: float = NOISE_SIGMA, impute_seed: int = 0) -> torch.Tensor:
+    """Images (N, 3, H, W) with the pixels of hard masks (N, 1, H, W) removed.
+
+    `reference` (from `make_reference`, per image) saves recomputing it; "impute" ignores it.
+    """
+    if kind == "impute":
+        return impute(images, masks, impute_noise, impute_seed)
+    if reference is None:
+        reference = make_reference(images, kind)
+    return torch.where(masks.to(torch.bool), reference, images)
+
+
+def soft_references(images: torch.Tensor, masks: torch.Tensor, kind: str,
+                    generator: torch.Generator | None = None, impute_noise: float = NOISE_SIGMA) -> torch.Tensor:
+    """What soft masks (B, M, H, W) blend each image towards: (B, 1, 3, H, W), or (B, M, 3, H, W).
+
+    For "impute", mask m's reference is the image imputed where the mask is at least
+    IMPUTE_SOFT_THRESHOLD (its gradient reaches those pixels' mask values through the blend),
+    with fresh noise from `generator`: training should not learn one fixed noise field.
+    """
+    if kind != "impute":
+        return make_reference(images, kind)[:, None]
+    b, m, h, w = masks.shape
+    c = images.shape[1]
+    noise = impute_noise * torch.randn(c, h, w, generator=generator).to(images)
+    removed = (masks.detach() >= IMPUTE_SOFT_THRESHOLD).reshape(b * m, 1, h, w)
+    flat = impute(images.detach().repeat_interleave(m, dim=0), removed, noise_values=noise)
+    return flat.view(b, m, c, h, w)
 
 
 def blend(images: torch.Tensor, reference: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from l2r.metrics import deletion_insertion
 from l2r.objective import ObjectiveConfig, curve_weights, perturbed_target_probs, soft_masks
-from l2r.perturbation import make_reference
+from l2r.perturbation import soft_references
 from l2r.ranking import pixel_ranks
 
 
@@ -52,7 +52,6 @@ def refine(
     base = rank_uniform(maps)
     grid = min(grid, h, w)
     cfg = ObjectiveConfig(k_train=k, sinkhorn_iters=sinkhorn_iters, reference=reference, smooth_sigma=0.0)
-    refs = make_reference(images, reference)
     base_cells = F.adaptive_avg_pool2d(base[:, None], grid).flatten(1).detach()
     delta = torch.zeros_like(base_cells, requires_grad=True)
     optimiser = torch.optim.Adam([delta], lr=lr)
@@ -60,6 +59,7 @@ def refine(
     with torch.enable_grad():
         for _ in range(steps):
             masks = soft_masks(base_cells + delta, grid, (h, w), tau, cfg, noise=False)
+            refs = soft_references(images, masks, reference, torch.Generator().manual_seed(0))
             y = perturbed_target_probs(model, images, refs, masks, targets)
             loss = (y * weights).sum() / b
             optimiser.zero_grad()

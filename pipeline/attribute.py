@@ -34,10 +34,12 @@ from pathlib import Path
 from typing import Callable
 
 from l2r import storage
+from l2r.methods import control_names
 from pipeline.attribute_config import (EXPLAINER_METHOD, AttributeConfig, all_methods,  # noqa: F401  (the job's API)
                                        resolve_fast_path)
 from pipeline.attributor import AttributionWorker
 from pipeline.progress import Progress, quiet_ray_data
+from pipeline.ray_connect import init_ray
 from pipeline.results import (DONE_DIR, MANIFEST, MANIFEST_VERSION, PARQUET_DIR, Output, Stats,
                               merge_parts, output_names, read_results)
 
@@ -129,6 +131,18 @@ def plan_shortfall(plan: dict, read_cpus: float) -> str | None:
             "or leave --actor-cpus unset to let the job size them)")
 
 
+def _sanity_plan(config: AttributeConfig, target) -> dict | None:
+    """The layers each stage of the sanity check re-initialises (recorded in the manifest)."""
+    if not config.sanity_stages:
+        return None
+    from l2r.sanity import cascade
+
+    stages = cascade(target.net, config.sanity_stages)
+    # Stage s re-initialises the first layers_per_stage[s] names of layers_top_first.
+    return {"stages": len(stages), "seed": config.sanity_seed, "layers_per_stage": [len(s) for s in stages],
+            "layers_top_first": stages[-1]}
+
+
 def _identity(config: AttributeConfig, record, explainer: dict | None) -> dict:
     """What must match for a rerun to continue an earlier run's output."""
     return {
@@ -141,6 +155,7 @@ def _identity(config: AttributeConfig, record, explainer: dict | None) -> dict:
         "explainer_weights_sha256": explainer["weights_sha256"] if explainer else None,
         # Only when set, so outputs written before the option existed still resume.
         **({"with_mask": True} if config.with_mask else {}),
+        **({"sanity": [config.sanity_stages, config.sanity_seed]} if config.sanity_stages else {}),
         **({"holdout_every": config.holdout_every} if config.holdout_every else {}),
         **({"precision": config.precision} if config.precision != "fp32" else {}),
         **({"allow_target_mismatch": True} if config.allow_target_mismatch else {}),
@@ -234,7 +249,7 @@ def run_attribution(config: AttributeConfig, log: Callable[[str], None] | None =
             shard_log[url] = {"file": f"{PARQUET_DIR}/{names[url]}.parquet", **marker["stats"], "resumed": True}
 
     if not ray.is_initialized():
-        ray.init(address=config.address, log_to_driver=False, logging_level="ERROR")
+        init_ray(config.address, log_to_driver=False, logging_level="ERROR")
     quiet_ray_data()
     plan = _cluster_plan(config, target.input_size)
     manifest = {
@@ -246,6 +261,9 @@ def run_attribution(config: AttributeConfig, log: Callable[[str], None] | None =
         "target": identity["target"],
         "explainer": explainer,
         "protocol": {**config.protocol.to_dict(), "precision": config.precision, "fast_path": plan["fast_path"]},
+        # Maps that know nothing of the image or model: a method should beat them (the report checks).
+        "controls": [m for m in config.methods if m in control_names()],
+        "sanity_check": _sanity_plan(config, target),
         "plan": plan,
         "versions": package_versions(),
         "layout": {"parquet": f"{PARQUET_DIR}/<shard>.parquet", "markers": f"{DONE_DIR}/<shard>.json"},
@@ -270,6 +288,8 @@ def run_attribution(config: AttributeConfig, log: Callable[[str], None] | None =
             "method_options": config.method_options,
             "refine_steps": config.refine_steps,
             "with_mask": config.with_mask,
+            "sanity_stages": config.sanity_stages,
+            "sanity_seed": config.sanity_seed,
             "protocol": config.protocol.to_dict(),
             "forward_batch": plan["forward_batch"],
             "precision": config.precision,

@@ -28,9 +28,9 @@ def resolve_fast_path(fast_path: str, device: str) -> str:
 
 
 def all_methods() -> tuple[str, ...]:
-    from l2r.baselines import METHODS
+    from l2r.methods import method_names
 
-    return (EXPLAINER_METHOD, *METHODS)
+    return (EXPLAINER_METHOD, *method_names())
 
 
 @dataclass
@@ -55,8 +55,12 @@ class AttributeConfig:
     method_options: dict = field(default_factory=dict)  # {"rise": {"n_masks": 500}, ...}
     refine_steps: int = 0  # test-time refinement of the l2r map (l2r.refine)
     steps: int = Protocol.steps
-    reference: str = Protocol.reference
+    reference: str = Protocol.reference  # black | mean | blur | impute (l2r.perturbation.REFERENCES)
+    impute_noise: float = Protocol.impute_noise  # the "impute" reference's noise sigma
+    impute_seed: int = Protocol.impute_seed
     target_rule: str = Protocol.target  # prediction | ground_truth
+    sanity_stages: int = 0  # > 0: the model randomisation sanity check with this many cascade stages (l2r.sanity)
+    sanity_seed: int = 0
     with_mask: bool = False  # read mask.png of each sample; add pointing_hit and mask_auroc
     holdout_every: int = 0  # > 0: only the samples a training run with data.holdout_every N held back
     device: str = "auto"  # auto (GPU actors when the cluster has GPUs) | cpu | cuda
@@ -88,10 +92,16 @@ class AttributeConfig:
             raise ValueError(f"methods repeated: {self.methods}")
         if EXPLAINER_METHOD in self.methods and not self.explainer:
             raise ValueError("method 'l2r' needs an explainer artifact directory (explainer=...)")
+        if self.explainer:
+            from l2r.artifact import resolve_explainer
+
+            self.explainer = resolve_explainer(self.explainer)  # a shipped explainer's name -> its folder
         if self.target is None:
             if not self.explainer:
                 raise ValueError("give the target model (target=... / --model) or an explainer artifact that records it")
             self._target_from_artifact()
+        if self.sanity_stages < 0:
+            raise ValueError("sanity_stages must be >= 0 (0: no sanity check)")
         if self.refine_steps < 0:
             raise ValueError("refine_steps must be >= 0")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -133,7 +143,8 @@ class AttributeConfig:
 
     @property
     def protocol(self) -> Protocol:
-        return Protocol(steps=self.steps, reference=self.reference, target=self.target_rule)
+        return Protocol(steps=self.steps, reference=self.reference, target=self.target_rule,
+                        impute_noise=self.impute_noise, impute_seed=self.impute_seed)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))

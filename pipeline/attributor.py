@@ -72,7 +72,30 @@ class Attributor:
             self.explainer.to(self.device).eval()
             # An explainer on the target's own layers runs the target once per map.
             self.explainer_forwards = 1 if self.explainer.config.get("backbone") == "target" else 0
+        self.sanity_models = self._sanity_models(settings) if settings.get("sanity_stages") else []
         self.calls = 0
+
+    def _sanity_models(self, settings) -> list[tuple]:
+        """(target, explainer) per cascade stage: the target randomised from the top (l2r.sanity)."""
+        import warnings
+
+        from l2r.sanity import cascade, randomised_copy
+
+        models = []
+        for layers in cascade(self.target.net, int(settings["sanity_stages"])):
+            target = randomised_copy(self.target, layers, int(settings.get("sanity_seed") or 0))
+            explainer = None
+            if self.explainer is not None:
+                from l2r.artifact import local_artifact
+                from l2r.explainer import load_explainer
+
+                with warnings.catch_warnings():  # it is not the explainer's target, on purpose
+                    warnings.simplefilter("ignore")
+                    explainer, _ = load_explainer(local_artifact(settings["explainer"], settings.get("storage_options")),
+                                                  target=target)
+                explainer.to(self.device).eval()
+            models.append((target, explainer))
+        return models
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -80,28 +103,29 @@ class Attributor:
 
             torch.cuda.synchronize(self.device)
 
-    def _map(self, method, images, targets):
-        """(maps (B,H,W), cost per image) for one method."""
+    def _map(self, method, images, targets, target=None, explainer=None):
+        """(maps (B,H,W), cost per image) for one method; of another target (and its explainer) if given."""
         import torch
 
+        target = target or self.target
         if method == EXPLAINER_METHOD:
             with torch.no_grad():
-                maps = self.explainer(images, targets)[:, 0].float()
+                maps = (explainer or self.explainer)(images, targets)[:, 0].float()
             cost = {"forward_passes": self.explainer_forwards, "backward_passes": 0}
             if self.refine_steps:
                 from l2r.refine import refine
 
                 # Verified against the same exact protocol the rows are scored with.
-                maps, extra = refine(self.target, images, maps, targets, steps=self.refine_steps,
+                maps, extra = refine(target, images, maps, targets, steps=self.refine_steps,
                                      reference=self.protocol.reference, eval_steps=self.protocol.steps)
                 cost = {k: cost[k] + extra[k] for k in cost}
             return maps.detach(), cost
-        from l2r.baselines import attribute
+        from l2r.methods import attribute
 
         # Baselines make their maps in float32 whatever the precision: Captum and pytorch-grad-cam
         # hand activations and gradients to numpy, which has no bfloat16.
         with torch.autocast(self.device.type, enabled=False):
-            return attribute(method, self.target, images, targets, **self.method_options.get(method, {}))
+            return attribute(method, target, images, targets, **self.method_options.get(method, {}))
 
     def _autocast(self):
         import torch
@@ -183,7 +207,22 @@ class Attributor:
                 evidence = ok and "pointing_hit" in res
                 rows["pointing_hit"].append(res["pointing_hit"][j] if evidence else None)
                 rows["mask_auroc"].append(res["mask_auroc"][j] if evidence else None)
+                rows["sanity_spearman"].append(res["sanity_spearman"][j] if ok and "sanity_spearman" in res else None)
         return pa.table(rows, schema=SCHEMA)
+
+    def _sanity(self, method, images, targets, maps) -> list[list[float]]:
+        """Per image, the Spearman correlation of `maps` with the method's maps on each randomised target."""
+        import torch
+
+        from l2r.sanity import spearman
+
+        per_stage = []
+        for target, explainer in self.sanity_models:
+            randomised, _ = self._map(method, images, targets, target, explainer)
+            randomised = randomised.reshape(maps.shape).float()
+            per_stage.append(spearman(maps, torch.nan_to_num(randomised)))
+        table = torch.stack(per_stage, dim=1).tolist()  # (B, stages); NaN where a map is constant
+        return [[float(v) for v in row] for row in table]
 
     def _run_method(self, method, images, targets, clean, b, masks=None) -> dict:
         import torch
@@ -210,6 +249,7 @@ class Attributor:
         start = time.perf_counter()
         result = deletion_insertion(self.target, images, maps, targets, steps=self.protocol.steps,
                                     reference=self.protocol.reference, max_batch=self.forward_batch,
+                                    impute_noise=self.protocol.impute_noise, impute_seed=self.protocol.impute_seed,
                                     clean_probs=clean)
         self._sync()
         eval_seconds = (time.perf_counter() - start) / b
@@ -225,6 +265,8 @@ class Attributor:
                 "pointing_hit": [None if e else bool(x) for x, e in zip(hits, empty.cpu().tolist())],
                 "mask_auroc": [None if a != a else float(a) for a in aurocs],  # NaN: undefined
             }
+        if self.sanity_models:
+            evidence["sanity_spearman"] = self._sanity(method, images, targets, maps)
         return {
             **evidence,
             "error": [f"method failed: {method}: map is not finite" if x else None for x in bad],

@@ -43,7 +43,7 @@ from pipeline.results import MANIFEST, read_results
 from pipeline.report_html import render_html
 from pipeline.report_images import gallery
 from pipeline.report_png import render_png
-from pipeline.report_stats import markdown_table, mean_curves, method_order, per_class, summarize
+from pipeline.report_stats import control_findings, markdown_table, mean_curves, method_order, per_class, summarize
 
 SUMMARY_MD = "summary.md"
 SUMMARY_JSON = "summary.json"
@@ -91,6 +91,8 @@ def build_report(table: pa.Table, manifest: dict | None, results: str = "", resa
     """Everything summary.json holds, from a results table and its manifest."""
     methods = method_order(table, manifest)
     manifest = manifest or {}
+    stats = summarize(table, resamples, seed, level, methods)
+    input_size = (manifest.get("target") or {}).get("input_size")
     return {
         "results": results,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -99,7 +101,9 @@ def build_report(table: pa.Table, manifest: dict | None, results: str = "", resa
         "explainer": ((manifest.get("explainer") or {}).get("weights_sha256")),
         "bootstrap": {"resamples": resamples, "seed": seed, "level": level, "unit": "image"},
         "rows": table.num_rows,
-        "methods": summarize(table, resamples, seed, level, methods),
+        "methods": stats,
+        "controls": [m for m, entry in stats.items() if entry["control"]],
+        "control_findings": control_findings(stats, manifest.get("protocol"), input_size),
         "per_class": per_class(table, methods, class_names),
         "curves": mean_curves(table, methods),
     }
@@ -122,7 +126,7 @@ def write_report(config: ReportConfig, log=None) -> dict:
                          "entries": [{k: e[k] for k in ("group", "source", "key", "label", "target")}
                                      | {"deletion_auc": {m: c["deletion_auc"] for m, c in e["maps"].items()}}
                                      for e in pictures["entries"]]}
-    markdown = markdown_table(report["methods"], config.level)
+    markdown = markdown_table(report["methods"], config.level, report["control_findings"])
     png = render_png(report, pictures)
     out = config.output.rstrip("/")
     files = {name: f"{out}/{name}" for name in (SUMMARY_MD, SUMMARY_JSON, REPORT_HTML, SUMMARY_PNG)}

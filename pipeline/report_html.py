@@ -8,13 +8,14 @@ import html
 import numpy as np
 
 from pipeline.report_images import PALETTE
-from pipeline.report_stats import fmt, table_rows, weights_line
+from pipeline.report_stats import SANITY_NOTE, fmt, sanity_rows, table_rows, weights_line
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px;
        color: #1d1d1f; background: #fff; max-width: 1400px; }
 h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 28px 0 8px; border-bottom: 1px solid #ddd; }
 .meta { color: #555; font-size: 13px; line-height: 1.5; }
+.finding { background: #fff4d6; border-left: 4px solid #d9a400; padding: 6px 10px; max-width: 1000px; }
 table { border-collapse: collapse; font-size: 13px; margin: 6px 0; }
 th, td { border: 1px solid #d0d0d0; padding: 4px 8px; text-align: right; white-space: nowrap; }
 th { background: #f3f3f3; white-space: normal; max-width: 120px; vertical-align: bottom; }
@@ -80,6 +81,15 @@ def svg_curves(curves: dict, which: str, colours: dict, title: str, width: int =
     return "".join(parts)
 
 
+def _sanity_section(methods: dict) -> list[str]:
+    table = sanity_rows(methods)
+    if not table:
+        return []
+    header, cells = table
+    return ["<h2>Sanity check: model randomisation</h2>", _html_table(header, cells, "sanity"),
+            f"<p class=note>{_e(SANITY_NOTE)}</p>"]
+
+
 def render_html(report: dict, gallery_data: dict) -> str:
     methods = report["methods"]
     names = list(methods)
@@ -105,6 +115,8 @@ def render_html(report: dict, gallery_data: dict) -> str:
         "<div class=meta>" + "<br>".join(meta) + "</div>",
         "<h2>Summary</h2>",
         _html_table(header, [[_summary_cell(c) for c in row] for row in cells], "summary"),
+        *[f"<p class=finding>{_e(finding)}</p>" for finding in report.get("control_findings") or []],
+        *_sanity_section(methods),
         "<p class=note>Deletion AUC: area under the target probability as the most important pixels are "
         "removed first (lower is better). Insertion AUC: the same as they are inserted into the reference "
         "(higher is better). ins − del: the mean per-image difference. Intervals: percentile bootstrap of "

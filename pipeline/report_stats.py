@@ -9,6 +9,8 @@ import warnings
 import numpy as np
 import pyarrow as pa
 
+from l2r.methods import control_names
+
 METRICS = ("deletion_auc", "insertion_auc", "difference")
 
 
@@ -82,7 +84,7 @@ def summarize(table: pa.Table, resamples: int = 1000, seed: int = 0, level: floa
         deletion, insertion = _column(valid, "deletion_auc"), _column(valid, "insertion_auc")
         columns = {"deletion_auc": deletion, "insertion_auc": insertion, "difference": insertion - deletion}
         intervals = bootstrap_means(columns, resamples, seed, level)
-        entry = {"n": valid.num_rows, "errors": rows.num_rows - valid.num_rows}
+        entry = {"n": valid.num_rows, "errors": rows.num_rows - valid.num_rows, "control": method in control_names()}
         for name, values in columns.items():
             entry[name] = {"mean": _mean(values), "ci": intervals[name]}
         entry["cost"] = {name: _mean(_column(valid, name))
@@ -95,8 +97,44 @@ def summarize(table: pa.Table, resamples: int = 1000, seed: int = 0, level: floa
                 entry[name] = {"n": int(len(values)), "mean": float(values.mean()), "ci": ci}
             else:
                 entry[name] = None
+        entry["sanity_spearman"] = _sanity_means(valid)
         out[method] = entry
     return out
+
+
+def _sanity_means(valid: pa.Table) -> list[float | None] | None:
+    """Mean Spearman correlation per sanity-check stage over the images (constant maps left out)."""
+    if "sanity_spearman" not in valid.column_names:
+        return None
+    lists = [v for v in valid.column("sanity_spearman").to_pylist() if v]
+    if not lists:
+        return None
+    values = np.array(lists, dtype=float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a stage with only constant maps: all NaN
+        means = np.nanmean(values, axis=0)
+    return [None if np.isnan(m) else round(float(m), 4) for m in means]
+
+
+SANITY_NOTE = (
+    "Sanity check (model randomisation, Adebayo et al. 2018): Spearman rank correlation between each map and "
+    "the same method's map on the target with its layers re-initialised from the top, stage by stage (the last "
+    "stage is a fully random model). A method that explains the model falls towards 0; one that stays near 1 "
+    "explains the image, not the model (the controls stay at 1 by construction). For l2r, an amortised "
+    "explainer: with the target's own layers as backbone it reads the randomised features and its map changes; "
+    "with an independent backbone it never sees the target, so it stays at 1 by construction, and what "
+    "protects you is the target-mismatch guard (an explainer runs only with the exact target it was trained for).")
+
+
+def sanity_rows(methods: dict) -> tuple[list[str], list[list[str]]] | None:
+    """Header and cells of the sanity-check table, or None when the check was not run."""
+    stages = max((len(m.get("sanity_spearman") or []) for m in methods.values()), default=0)
+    if not stages:
+        return None
+    header = ["method"] + [f"stage {s + 1}" + (" (all layers)" if s == stages - 1 else "") for s in range(stages)]
+    cells = [[name] + [fmt(v, 3) for v in (m.get("sanity_spearman") or [None] * stages)]
+             for name, m in methods.items()]
+    return header, cells
 
 
 def per_class(table: pa.Table, methods: list[str], class_names: dict | None = None) -> dict:
@@ -163,7 +201,7 @@ def table_rows(methods: dict, level: float = 0.95) -> tuple[list[str], list[list
     cells = []
     for method, m in methods.items():
         cost = m["cost"]
-        row = [method, str(m["n"]), str(m["errors"]), fmt_ci(m["deletion_auc"]), fmt_ci(m["insertion_auc"]),
+        row = [f"{method} (control)" if m.get("control") else method, str(m["n"]), str(m["errors"]), fmt_ci(m["deletion_auc"]), fmt_ci(m["insertion_auc"]),
                fmt_ci(m["difference"]), fmt(cost["forward_passes"], 1), fmt(cost["backward_passes"], 1),
                _fmt_seconds(cost["seconds"])]
         if evidence:
@@ -185,8 +223,57 @@ def weights_line(target: dict) -> str:
     return where.get(source, source) + (f", weights sha256 {sha[:12]}" if sha else "")
 
 
-def markdown_table(methods: dict, level: float = 0.95) -> str:
+def markdown_table(methods: dict, level: float = 0.95, findings: list[str] | None = None) -> str:
+    """The summary table; `findings` (control_findings) follow it, one paragraph each."""
     header, cells = table_rows(methods, level)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in cells]
+    lines += [f"\n**{finding}**" for finding in findings or []]
+    sanity = sanity_rows(methods)
+    if sanity:
+        header, cells = sanity
+        lines += ["", "| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in cells]
+        lines += ["", SANITY_NOTE]
     return "\n".join(lines)
+
+
+# metric -> (its name in a sentence, whether lower is better)
+_METRICS = {"deletion_auc": ("deletion AUC", True), "insertion_auc": ("insertion AUC", False)}
+
+
+def control_findings(methods: dict, protocol: dict | None = None, input_size=None) -> list[str]:
+    """One sentence per control and metric where the control beats a real method (by the mean).
+
+    A control knows nothing of the image or the model, so a method it beats is not shown to be
+    faithful, or the metric is being gamed; the sentence names the likely cause and the fix.
+    """
+    reference = (protocol or {}).get("reference")
+    side = f"{input_size[0]} px" if input_size else "this resolution"
+    if reference == "impute":
+        cause = ("with the impute reference the removed set's shape carries no colour edge, so these maps rank "
+                 "pixels no better than a map that knows nothing about the image, on this model")
+    else:
+        cause = (f"likely cause: the {reference or 'given'} reference is out of distribution for the model at "
+                 f"{side}, so removing scattered pixels is itself an attack that drives the probability down "
+                 f"regardless of the map; the impute reference (--reference impute, ROAD's noisy linear "
+                 f"imputation) avoids it")
+    findings = []
+    controls = [name for name, m in methods.items() if m.get("control")]
+    for control in controls:
+        for metric, (label, lower_is_better) in _METRICS.items():
+            c = methods[control][metric]["mean"]
+            if c is None:
+                continue
+            beaten = []
+            for name, m in methods.items():
+                value = m[metric]["mean"]
+                if m.get("control") or value is None:
+                    continue
+                if (c < value) if lower_is_better else (c > value):
+                    beaten.append(f"{name} ({value:.3f})")
+            if beaten:
+                better = "lower" if lower_is_better else "higher"
+                findings.append(f"The control {control} beats {', '.join(beaten)} on {label} ({c:.3f}, "
+                                f"{better} is better): {cause}.")
+    return findings

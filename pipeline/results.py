@@ -57,6 +57,9 @@ SCHEMA = pa.schema(
         ("error", pa.string()),
         ("pointing_hit", pa.bool_()),
         ("mask_auroc", pa.float32()),
+        # The sanity check (l2r.sanity): Spearman correlation of the map with the map on the target
+        # randomised from the top, one value per cascade stage; null when the check is off.
+        ("sanity_spearman", pa.list_(pa.float32())),
     ]
 )
 
@@ -190,6 +193,17 @@ PART_SUMMARY = pa.schema([("source", pa.string()), ("part", pa.string()), ("rows
                           ("stats", pa.string())])
 
 
+CONTROLS_KEY = b"l2r.controls"  # Parquet metadata: the methods that are controls (l2r.methods)
+
+
+def file_schema() -> pa.Schema:
+    """SCHEMA with the file metadata: which `method` values are controls, so a reader of the
+    Parquet alone does not take a control for a method."""
+    from l2r.methods import control_names
+
+    return SCHEMA.with_metadata({CONTROLS_KEY: json.dumps(list(control_names())).encode()})
+
+
 def merge_parts(output_url: str, storage_options: dict | None, name: str, parts: list[str],
                 row_group_rows: int = 2048) -> int:
     """One shard's part files, in the order given, into its Parquet file (committed atomically);
@@ -200,7 +214,7 @@ def merge_parts(output_url: str, storage_options: dict | None, name: str, parts:
     rows, pending = 0, []
     with storage.atomic_writer(output.parquet_url(name), storage_options) as f:
         # Streamed: at most one row group of the shard in memory.
-        with pq.ParquetWriter(f, SCHEMA, compression="zstd") as writer:
+        with pq.ParquetWriter(f, file_schema(), compression="zstd") as writer:
             for url in parts:
                 with storage.open_file(url, "rb", storage_options) as part:
                     pending.append(pq.read_table(part, schema=SCHEMA))

@@ -58,6 +58,7 @@ from l2r.target_record import TargetRecord
 from pipeline.config import dump_config, recorded_config
 from pipeline.progress import (Progress, quiet_ray_data, quiet_train_reports, ray_init_kwargs, train_logging_config,
                                verbose_requested)
+from pipeline.ray_connect import init_ray
 
 STATE_FILE = "state.pt"
 PROGRESS_FILE = "progress.json"  # the latest report, read by the driver's progress line
@@ -645,16 +646,11 @@ def run(config: dict, verbose: bool = True, ray_logs: bool = False, show_config:
     resolved = None
     if not ray.is_initialized():
         # A new local Ray declares enough logical CPUs for the workers plus a reader, or Ray Data
-        # waits forever for a CPU the trainers hold. Under `ray job submit` (RAY_ADDRESS) it joins.
-        logging = ray_init_kwargs(ray_logs)
+        # waits forever for a CPU the trainers hold. A joined cluster (`ray job submit`) has its own.
         local = worker_cpus(rcfg, [os.cpu_count() or 1])
         needed = rcfg["workers"] * local + dcfg["read_cpus"]
-        try:
-            ray.init(**logging, **({} if "RAY_ADDRESS" in os.environ
-                                   else {"num_cpus": max(os.cpu_count() or 1, math.ceil(needed))}))
-            resolved = None if "RAY_ADDRESS" in os.environ else local
-        except ValueError:  # found a running local cluster: num_cpus is not ours to set
-            ray.init(**logging)
+        if not init_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), **ray_init_kwargs(ray_logs)):
+            resolved = local
     if resolved is None:  # joined a cluster: "auto" from its nodes (the reader's share is left to it)
         resolved = worker_cpus(rcfg, [node["Resources"].get("CPU", 0) - dcfg["read_cpus"] for node in ray.nodes()
                                       if node.get("Alive") and node["Resources"].get("CPU", 0) > 0])

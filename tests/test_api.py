@@ -145,3 +145,67 @@ def test_fetch_reads_urls_once_into_the_cache(tmp_path, monkeypatch):
     assert fetch(memory) == local  # the cached copy: no second download
     with pytest.raises(FileNotFoundError, match="nothing.bin"):
         fetch("memory://bucket/nothing.bin")
+
+
+def test_shipped_explainers_load_by_name(tmp_path, monkeypatch):
+    from l2r import artifact
+
+    shipped = artifact.shipped_explainers()
+    assert "imagenet-sample-mobilenet" in shipped
+    assert artifact.resolve_explainer("imagenet-sample-mobilenet") == str(artifact.SHIPPED / "imagenet-sample-mobilenet")
+    with pytest.raises(FileNotFoundError, match="not a shipped explainer.*imagenet-sample-mobilenet"):
+        artifact.resolve_explainer("cifar10-resnet2O")
+    # A folder of that name in the working directory wins over the shipped one.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imagenet-sample-mobilenet").mkdir()
+    assert artifact.resolve_explainer("imagenet-sample-mobilenet") == "imagenet-sample-mobilenet"
+
+
+def test_a_shipped_folder_records_paths_relative_to_itself(tmp_path, monkeypatch):
+    """scripts/ship_explainer.py rewrites the target's weights and import paths relative to the new
+    folder (or copies the weights in); the folder then loads from anywhere, with the same weights."""
+    import json
+    import shutil
+
+    from scripts import ship_explainer
+
+    path, weights = make_artifact(tmp_path)
+    run_dir = path.parent
+    (run_dir / "metrics.jsonl").write_text('{"step": 0}\n')
+    (run_dir / "config.yaml").write_text("name: demo\n")
+    monkeypatch.setattr(ship_explainer, "ROOT", tmp_path / "repo")
+    for copy in (False, True):
+        name = f"demo-{copy}"
+        folder = ship_explainer.ship(run_dir, name, with_target_weights=copy)
+        recorded = json.loads((folder / "explainer.json").read_text())["metadata"]["target"]["checkpoint"]
+        assert not Path(recorded).is_absolute() and (folder / recorded).resolve().is_file()
+        assert sorted(p.name for p in folder.iterdir()) == sorted(
+            ["config.yaml", "explainer.json", "metrics.jsonl", "model.safetensors"] + (["target.pt"] if copy else []))
+        monkeypatch.chdir(tmp_path / "repo")  # another working directory: the paths still resolve
+        loaded = l2r.load(folder)
+        assert loaded.record.checkpoint == str((folder / recorded).resolve())
+    # The weights' hash still guards the relative path: another file there is refused.
+    other = build_target(SPEC, model_kwargs=KWARGS, input_size=32, init_seed=1).net
+    torch.save(other.state_dict(), folder / "target.pt")
+    with pytest.raises(TargetMismatchError, match="weights sha256"):
+        l2r.load(folder)
+    # A run trained on another machine records that machine's path: the weights are named here.
+    shutil.move(weights, tmp_path / "elsewhere.pt")
+    folder = ship_explainer.ship(run_dir, "demo-elsewhere", target_weights=tmp_path / "elsewhere.pt")
+    assert l2r.load(folder).record.checkpoint == str((folder / "target.pt").resolve())
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    folder = ship_explainer.ship(run_dir, "demo-other", target_weights=tmp_path / "other.pt")
+    with pytest.raises(TargetMismatchError, match="weights sha256"):
+        l2r.load(folder)
+    shutil.rmtree(folder)
+
+
+def test_shipped_vit_explainer_loads_by_name_with_its_own_target():
+    """`cifar10-vit` ships the small ViT it explains (benchmarks/train_vit.py): the name alone is enough."""
+    explainer = l2r.load("cifar10-vit")
+    assert explainer.record.spec == "timm:vit_tiny_patch16_224" and explainer.record.num_classes == 10
+    assert Path(explainer.record.checkpoint).parent == ROOT / "explainers" / "cifar10-vit"
+    assert explainer.record.weights_sha256 == explainer.metadata["target"]["weights_sha256"]
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    maps = explainer.explain(images)
+    assert maps.shape == (2, 32, 32) and maps.flatten(1).std(1).min() > 0

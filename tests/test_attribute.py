@@ -114,7 +114,8 @@ def test_schema_rows_and_manifest(assets, full_run):
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["status"] == "complete"
     assert manifest["protocol"] == {"steps": 21, "reference": "black", "target": "prediction", "precision": "fp32",
-                                    "fast_path": "channels_last"}  # the measured default on CPU
+                                    "fast_path": "channels_last"}
+    assert manifest["controls"] == [m for m in METHODS.split(",") if m in ("random", "gaussian")]  # the measured default on CPU
     assert manifest["target"]["weights_sha256"] == assets["target"].weights_sha256
     assert manifest["target"]["weight_source"] == "checkpoint"
     assert len(manifest["explainer"]["weights_sha256"]) == 64 and manifest["explainer"]["document"]["metadata"]

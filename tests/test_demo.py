@@ -1,4 +1,5 @@
-"""The demo as a newcomer runs it, at reduced size, through a pipe (as in CI or a job log)."""
+"""The demo as a newcomer runs it, at reduced size, through a pipe (as in CI or a job log): what the
+console shows there (plain progress lines with an ETA, none of Ray's INFO lines) is checked here."""
 
 import os
 import re
@@ -35,7 +36,10 @@ def test_demo_writes_every_artifact_reads_quietly_and_reuses_its_work(tmp_path):
     lines = output.splitlines()
     for stage in ("fit target", "train", "attribute"):
         assert any(line.startswith(f"{stage}: ") and "ETA" in line for line in lines), stage
-    assert not [line for line in lines if " INFO " in line or "has constructor arguments in the object store" in line]
+    training = [line for line in done.stdout.splitlines() if line.startswith("train: step ")]
+    assert training[-1].startswith("train: step 4/4 (100%)") and "ETA 0s" in training[-1], training
+    assert not [line for line in lines if " INFO " in line or "has constructor arguments in the object store" in line
+                or "Reporting training result" in line]
     assert "\r" not in done.stdout
     # The closing summary: the table, where things are, how to look at them.
     assert re.search(r"^\| l2r \| 16 \| 0 \|", done.stdout, re.M)

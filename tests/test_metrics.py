@@ -64,6 +64,10 @@ def test_protocol_validation_and_shape_errors():
     with pytest.raises(ValueError, match="maps"):
         deletion_insertion(LinearTwoClass(8), torch.rand(2, 3, 8, 8), torch.rand(2, 7, 7))
     assert Protocol().to_dict() == {"steps": 21, "reference": "black", "target": "prediction"}
+    assert Protocol(reference="impute").to_dict() == {"steps": 21, "reference": "impute", "target": "prediction",
+                                                      "impute_noise": 0.01, "impute_seed": 0}
+    with pytest.raises(ValueError, match="impute_noise"):
+        Protocol(reference="impute", impute_noise=-1.0)
 
 
 # ---------------------------------------------------------------- evidence masks

@@ -46,7 +46,7 @@ def test_soft_aucs_approach_the_hard_metric_at_low_tau():
     for tau, iters in ((1e-2, 300), (3e-4, 3000)):  # low tau needs many Sinkhorn rounds
         cfg = ObjectiveConfig(k_train=k, sinkhorn_iters=iters, smooth_sigma=0.0)
         masks = soft_masks(maps.flatten(1), 6, (6, 6), tau=tau, cfg=cfg, noise=False)
-        y = perturbed_target_probs(model, x, make_reference(x, "black"), masks, targets)
+        y = perturbed_target_probs(model, x, make_reference(x, "black")[:, None], masks, targets)
         w = curve_weights(k, x.device)
         errors.append(max((y[:, :k] @ w - hard["deletion_auc"]).abs().max().item(),
                           (y[:, k:] @ w - hard["insertion_auc"]).abs().max().item()))

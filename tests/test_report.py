@@ -120,7 +120,8 @@ def test_summary_equals_direct_computation(results, report):
     saved = json.loads(Path(report["files"]["summary.json"]).read_text())
     assert saved["methods"] == json.loads(json.dumps(report["methods"]))
     assert Path(report["files"]["summary.md"]).read_text().strip() == report["markdown"]
-    assert report["markdown"].count("\n") == 1 + len(METHODS)
+    table_lines = [line for line in report["markdown"].splitlines() if line.startswith("|")]
+    assert len(table_lines) == 2 + len(METHODS)  # header, rule, one row per method (findings follow)
 
 
 def synthetic_table(n: int, seed: int = 0) -> pa.Table:
@@ -219,3 +220,49 @@ def test_notebook_report_returns_the_picture(results, tmp_path):
     assert shown._repr_png_() == (tmp_path / "nb" / "summary.png").read_bytes()
     assert set(shown.methods) == set(METHODS) and "deletion AUC" in shown.markdown
     assert "summary.png" in repr(shown)
+
+
+def test_controls_are_flagged_in_parquet_manifest_and_report(results, tmp_path):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from pipeline.results import CONTROLS_KEY
+
+    # The job's Parquet says which methods are controls.
+    files = sorted((results / "parquet").glob("*.parquet"))
+    assert files and all(json.loads(pq.read_schema(f).metadata[CONTROLS_KEY]) == ["random", "gaussian"]
+                         for f in files)
+    # A copy of the results where the control `random` removes evidence fastest of all (as
+    # scattered black pixels do at 32 px) and inserts worst.
+    copy = tmp_path / "results"
+    shutil.copytree(results, copy)
+    for f in sorted((copy / "parquet").glob("*.parquet")):
+        df = pq.read_table(f).to_pandas()
+        df.loc[df.method == "random", "deletion_auc"] = 0.001
+        df.loc[df.method == "random", "insertion_auc"] = 0.0
+        pq.write_table(pa.Table.from_pandas(df, schema=SCHEMA, preserve_index=False), f)
+    built = rep.write_report(rep.ReportConfig(results=str(copy), gallery=0), log=lambda line: None)
+    assert built["controls"] == ["random"]
+    findings = built["control_findings"]
+    assert len(findings) == 1  # deletion only: on insertion random is the worst
+    others = {m: built["methods"][m]["deletion_auc"]["mean"] for m in ("l2r", "gradcam")}
+    sentence = findings[0]
+    assert sentence.startswith("The control random beats") and "deletion AUC (0.001" in sentence
+    for method, value in others.items():
+        assert f"{method} ({value:.3f})" in sentence
+    assert "black reference" in sentence and f"{SIZE} px" in sentence and "--reference impute" in sentence
+    markdown = Path(built["files"]["summary.md"]).read_text()
+    assert "| random (control) |" in markdown and sentence in markdown
+    page = Path(built["files"]["report.html"]).read_text()
+    assert "random (control)" in page and "<p class=finding>The control random beats" in page
+
+
+def test_no_finding_when_every_method_beats_the_controls():
+    methods = {name: {"control": name == "random", "deletion_auc": {"mean": d}, "insertion_auc": {"mean": i}}
+               for name, d, i in (("l2r", 0.1, 0.9), ("gradcam", 0.2, 0.8), ("random", 0.3, 0.5))}
+    assert report_stats.control_findings(methods, {"reference": "black"}, (32, 32)) == []
+    methods["random"]["insertion_auc"]["mean"] = 0.85
+    (finding,) = report_stats.control_findings(methods, {"reference": "impute"}, (32, 32))
+    assert "beats gradcam (0.800) on insertion AUC (0.850, higher is better)" in finding
+    assert "l2r" not in finding and "impute reference the removed set" in finding

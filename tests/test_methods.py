@@ -6,7 +6,8 @@ import torch.nn as nn
 
 pytest.importorskip("timm")
 
-from l2r.baselines import METHODS, attribute, gaussian_map, method_cost, requires_grad, rise_masks
+from l2r.methods import (Method, attribute, control_names, gaussian_map, method_cost, method_names, register,
+                         requires_grad, rise_masks)
 from l2r.classifier import TargetModel, build_target
 from l2r.metrics import deletion_insertion
 
@@ -258,7 +259,29 @@ def test_missing_optional_package_says_how_to_install(method, package, monkeypat
 
 
 def test_every_method_is_listed():
-    assert set(METHODS) == set(CNN_METHODS) | set(VIT_METHODS)
+    assert set(method_names()) == set(CNN_METHODS) | set(VIT_METHODS)
+    assert control_names() == ("random", "gaussian")
+
+
+def test_a_new_method_is_one_registration(cnn, images):
+    from l2r.methods import registry
+
+    def brightness(model, images, targets, power):
+        return images.mean(dim=1) ** power
+
+    register(Method("brightness", brightness, defaults={"power": 2}, cost=lambda settings: (0, 0)))
+    try:
+        maps, cost = attribute("brightness", cnn, images, TARGETS, power=1)
+        assert torch.allclose(maps, images.mean(dim=1)) and cost == {"forward_passes": 0, "backward_passes": 0}
+        assert "brightness" in method_names() and not requires_grad("brightness")
+        with pytest.raises(ValueError, match="twice"):
+            register(Method("brightness", brightness))
+        with pytest.raises(TypeError, match="unknown options"):
+            attribute("brightness", cnn, images, TARGETS, gamma=1)
+    finally:
+        registry._REGISTRY.pop("brightness", None)
+    with pytest.raises(ValueError, match="unknown attribution method 'brightness'"):
+        attribute("brightness", cnn, images, TARGETS)
 
 
 @pytest.mark.parametrize("method", ["vit_cam", "rollout"])

@@ -1,0 +1,66 @@
+"""Keep a training run's explainer in the repository (explainers/<name>), loadable by name.
+
+    python scripts/ship_explainer.py ~/l2r_runs/cifar10 cifar10-resnet20
+    python scripts/ship_explainer.py ~/l2r_runs/cifar10-vit cifar10-vit --with-target-weights
+    python scripts/ship_explainer.py runs/cifar10-vit cifar10-vit --target-weights explainers/cifar10-vit/target.safetensors
+
+Copies the artifact (model.safetensors, explainer.json) with the run's config.yaml and
+metrics.jsonl. The recorded target checkpoint and import paths become relative to the new
+folder (l2r.artifact resolves relative paths there), so the explainer works from any checkout
+that has the shared folder beside it; `--with-target-weights` copies the target's weights into
+the folder instead (for small targets trained by the project, such as the CIFAR-10 ViT). The
+weights' sha256 stays recorded, so a different file at that path is refused, never explained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ship(run_dir: Path, name: str, with_target_weights: bool = False, target_weights: Path | None = None) -> Path:
+    """explainers/<name> from a finished run; ``target_weights``: the file to copy in as the target's
+    weights, for a run trained on another machine (its recorded path is that machine's)."""
+    artifact = run_dir / "explainer"
+    for needed in (artifact / "explainer.json", artifact / "model.safetensors", run_dir / "metrics.jsonl"):
+        if not needed.is_file():
+            raise FileNotFoundError(f"{needed}: not a finished training run")
+    folder = ROOT / "explainers" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    document = json.loads((artifact / "explainer.json").read_text())
+    metadata = document["metadata"]
+    checkpoint = metadata["target"].get("checkpoint")
+    if checkpoint and "://" not in checkpoint:
+        if with_target_weights or target_weights:
+            copied = folder / f"target{Path(checkpoint).suffix}"
+            shutil.copyfile(target_weights or checkpoint, copied)
+            metadata["target"]["checkpoint"] = copied.name
+        else:
+            metadata["target"]["checkpoint"] = os.path.relpath(checkpoint, folder)
+    metadata["import_paths"] = [os.path.relpath(p, folder) if "://" not in p else p
+                                for p in metadata.get("import_paths", [])]
+    (folder / "explainer.json").write_text(json.dumps(document, indent=2) + "\n")
+    shutil.copyfile(artifact / "model.safetensors", folder / "model.safetensors")
+    for extra in ("config.yaml", "metrics.jsonl"):
+        shutil.copyfile(run_dir / extra, folder / extra)
+    return folder
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", type=Path, help="the training run's folder (<storage>/<name>)")
+    p.add_argument("name", help="the shipped name (explainers/<name>)")
+    p.add_argument("--with-target-weights", action="store_true", help="copy the target's weights into the folder")
+    p.add_argument("--target-weights", type=Path, help="copy this file in as the target's weights (a run trained "
+                   "elsewhere, e.g. by benchmarks/gpu_train.sh: l2r.load checks it against the recorded hash)")
+    args = p.parse_args(argv)
+    print(ship(args.run_dir.expanduser(), args.name, args.with_target_weights, args.target_weights))
+
+
+if __name__ == "__main__":
+    main()
