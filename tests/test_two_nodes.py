@@ -148,10 +148,13 @@ def test_two_nodes_train_and_attribute_on_s3_and_survive_a_lost_node(bucket, clu
                         "--actor-resources", json.dumps({SLOT: 1}), "--batch-size", "2", "--read-cpus", "0.25",
                         "--progress-interval", "0"], cluster)
     try:
-        wait_until(lambda: fs.invalidate_cache() or (fs.exists("twonode/attr/done")
-                                                     and len(fs.ls("twonode/attr/done")) >= 1),
-                   attribute, 400, "finished shard")
-        lost_mid_run = len(fs.ls("twonode/attr/done")) < 6
+        # The actors' first part file, not the driver's first done marker: the driver can see every
+        # shard's summaries in one burst, and its markers then leave no time to lose a node mid-run.
+        wait_until(lambda: fs.invalidate_cache() or bool(fs.exists("twonode/attr/parts")
+                                                         and fs.find("twonode/attr/parts")),
+                   attribute, 400, "part file written by an actor")
+        fs.invalidate_cache()
+        lost_mid_run = not fs.exists("twonode/attr/done") or len(fs.ls("twonode/attr/done")) < 6
         replace_second_node(cluster)
         assert attribute.wait(timeout=500) == 0, output_of(attribute)[-5000:]
     finally:
