@@ -10,8 +10,8 @@ python3 -m venv "$VENV"
 # Byte-compile on every core instead (pip's own pass is serial: 3.6 min install instead of 2.3). The
 # .pyc files must exist: where PYTHONDONTWRITEBYTECODE is set, every process (each Ray worker too)
 # would otherwise compile torch, timm and ray from source again, 5-10 s of CPU per process.
-"$VENV/bin/python" -m compileall -q -j 0 "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
-    l2r pipeline jobs benchmarks tests >/dev/null || true  # a few test files inside packages do not compile
+"$VENV/bin/python" -m compileall -q -j 0 "$VENV/lib" l2r pipeline jobs benchmarks tests >/dev/null \
+    || true  # a few test files inside third-party packages do not compile
 export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
 set +e
 "$VENV/bin/python" -m pytest -q "$@"
