@@ -12,7 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from l2r.explainer import CONFIG_FILE, load_explainer, save_explainer
+from l2r.classifier import load_state_dict_checked, sha256_file
+from l2r.explainer import CONFIG_FILE, WEIGHTS_FILE, load_explainer, save_explainer
 from l2r.target_record import TargetRecord, check_same_target
 
 
@@ -68,6 +69,35 @@ def load_artifact(path, device="cpu", record: TargetRecord | None = None, allow_
         check_same_target(trained, record, f"in {path}")
     explainer, metadata = load_explainer(path, target)
     return explainer.to(device).eval(), target, record, metadata
+
+
+def start_from(explainer, path, record: TargetRecord, storage_options: dict | None = None) -> dict:
+    """Load an artifact's weights into a freshly built `explainer` (training's `train.init_from`).
+
+    Refused, naming the artifact, unless it was trained for the same target (`record`, built: its
+    weights' hash is compared) with the same explainer config; a fine-tuned explainer is then the
+    same model, further trained.
+    """
+    from safetensors.torch import load_file
+
+    folder = local_artifact(path, storage_options)
+    where = f"{path} (train.init_from)"
+    check_same_target(read_target_record(folder), record, where)
+    document = json.loads((Path(folder) / CONFIG_FILE).read_text())
+    built = json.loads(json.dumps(explainer.config))  # as JSON holds it: lists, not tuples
+    differing = sorted(k for k in set(built) | set(document["config"]) if built.get(k) != document["config"].get(k))
+    if differing:
+        raise ValueError(f"explainer {where} was built with another explainer config: "
+                         + "; ".join(f"{k}: {document['config'].get(k)!r} there, {built.get(k)!r} here" for k in differing))
+    weights = Path(folder) / WEIGHTS_FILE
+    load_state_dict_checked(explainer, load_file(str(weights), device="cpu"), str(weights))
+
+
+def describe_start(path, storage_options: dict | None = None) -> dict:
+    """What a fine-tuned artifact records of the one it started from (and a check that it can be read)."""
+    folder = Path(local_artifact(path, storage_options))
+    steps = read_metadata(folder).get("steps")
+    return {"explainer": str(path), "steps": steps, "weights_sha256": sha256_file(folder / WEIGHTS_FILE)}
 
 
 # Explainers trained by the project's own training job, kept in the repository with their config

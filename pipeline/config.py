@@ -73,6 +73,9 @@ DEFAULTS: dict = {
         "report_every": 10,
         "checkpoint_every": 50,
         "keep_checkpoints": 2,
+        # Start from this explainer's weights (a shipped name, a folder or a URL): fine-tuning. Same
+        # target and explainer config required; optimiser, schedule and tau start afresh.
+        "init_from": None,
     },
     "val": {
         "every": 50,  # steps; 0: only at the end

@@ -48,13 +48,14 @@ import numpy as np
 import torch
 
 from l2r import storage as l2r_storage
-from l2r.artifact import save_artifact
+from l2r.artifact import (describe_start, local_artifact, read_target_record, resolve_explainer, save_artifact,
+                          start_from)
 from l2r.augment import augment, decode_size
 from l2r.explainer import CONFIG_FILE as EXPLAINER_FILE, build_explainer
 from l2r.images import to_tensor
 from l2r.metrics import deletion_insertion
 from l2r.objective import ObjectiveConfig, objective_backward
-from l2r.target_record import TargetRecord
+from l2r.target_record import TargetRecord, check_same_target
 from pipeline.config import dump_config, recorded_config
 from pipeline.progress import (Progress, quiet_ray_data, quiet_train_reports, ray_init_kwargs, train_logging_config,
                                verbose_requested)
@@ -256,6 +257,8 @@ def train_loop_per_worker(config: dict) -> None:
             state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
         explainer.load_state_dict(state["explainer"])
         position = dict(state["position"])
+    elif tcfg["init_from"]:
+        start_from(explainer, tcfg["init_from"], record, storage_options(config))
     explainer = ray.train.torch.prepare_model(explainer)  # device + DDP when world > 1
     optimizer, scheduler = make_optimizer(explainer, tcfg, total)
     if state is not None:
@@ -397,6 +400,7 @@ def artifact_metadata(config: dict, step: int) -> dict:
         "train": config["train"],
         "workers": config["run"]["workers"],
         "import_paths": config.get("import_paths", []),
+        **({"init_from": config["init_from"]} if config.get("init_from") else {}),
     }
 
 
@@ -571,6 +575,18 @@ def training_read_size(dcfg: dict) -> tuple:
     return decode_size(dcfg["image_size"], dcfg["crop_pct"]), 1.0
 
 
+def initial_explainer(config: dict, options: dict | None) -> tuple[dict, dict]:
+    """train.init_from resolved where the workers can read it (a shipped name -> its folder, a relative
+    folder -> absolute), checked before Ray starts (it exists; the same target as far as the config
+    says; the workers compare the weights), and what the artifact will record of it."""
+    given = str(config["train"]["init_from"])
+    path = given if "://" in given else str(Path(resolve_explainer(given)).resolve())
+    start = describe_start(path, options)
+    check_same_target(read_target_record(local_artifact(path, options)), target_record(config),
+                      f"{given} (train.init_from)")
+    return {**config["train"], "init_from": path}, {**start, "explainer": given}
+
+
 def finished_artifact(config: dict) -> str | None:
     """The run's artifact if it already holds the last step of this same training, else None."""
     artifact = f"{config['run_dir']}/explainer"
@@ -627,6 +643,8 @@ def run(config: dict, verbose: bool = True, ray_logs: bool = False, show_config:
     if val_spec is None and config["data"]["holdout_every"]:  # validate on what training holds back
         config["val_urls"], config["val_part"] = train_urls, "holdout"
     config["data_identity"] = data_identity(train_urls, config["data"], options)
+    if config["train"]["init_from"]:
+        config["train"], config["init_from"] = initial_explainer(config, options)
     if config["target"]["checkpoint"] is None and config["target"]["fit_steps"] > 0:
         config["target"] = {**config["target"], "checkpoint": fit_target(config, train_urls)}
 

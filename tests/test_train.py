@@ -122,6 +122,30 @@ def test_shipped_configs_resolve(name):
         assert tuple(cfg["target"]["mean"]) == MEAN and tuple(cfg["target"]["std"]) == STD
 
 
+def test_init_from_loads_only_the_same_explainer_for_the_same_target():
+    """train.init_from on the real shipped ViT explainer: its weights load; another explainer config,
+    another target's weights, a missing name are refused, naming what differs."""
+    from l2r.artifact import load_artifact, resolve_explainer, start_from
+    from l2r.explainer import build_explainer
+    from l2r.target_record import TargetMismatchError, TargetRecord
+
+    shipped, target, record, _ = load_artifact(resolve_explainer("cifar10-vit"))
+    fresh = build_explainer({k: v for k, v in shipped.config.items() if k != "embed_dim"}, target)
+    assert not all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), shipped.state_dict().values()))
+    start_from(fresh, "cifar10-vit", record)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in shipped.state_dict().items())
+
+    wider = build_explainer({**shipped.config, "dim": 32, "embed_dim": 32}, target)
+    with pytest.raises(ValueError, match=r"cifar10-vit \(train.init_from\).*dim: 64 there, 32 here"):
+        start_from(wider, "cifar10-vit", record)
+    other = TargetRecord.from_dict({**record.to_dict(), "checkpoint": None, "random_init": True, "weights_sha256": None})
+    other_target = other.build()
+    with pytest.raises(TargetMismatchError, match="weights sha256"):
+        start_from(build_explainer(dict(shipped.config), other_target), "cifar10-vit", other)
+    with pytest.raises(FileNotFoundError, match="no-such-explainer"):
+        T.initial_explainer({"train": {"init_from": "no-such-explainer"}}, None)
+
+
 # ---------------------------------------------------------------- shared tiny data + target
 
 
@@ -225,6 +249,26 @@ def test_rerun_with_same_name_resumes_where_it_stopped(failing_run, capsys):
     assert keyed_steps[-16:][::4] == [24, 25, 26, 27]
     explainer, target, _, metadata = load_artifact(failing_run["artifact"])
     assert metadata["steps"] == 28
+
+
+@pytest.mark.slow
+def test_fine_tune_starts_from_an_artifact_and_records_it(failing_run, tiny):
+    """train.init_from: at lr 0 the fine-tuned artifact's parameters are the start's, exactly (a fresh
+    build would be random), and the artifact records what it started from."""
+    start = failing_run["artifact"]
+    cfg = C.load_config(DEMO, tiny["sets"] + [f"train.init_from={start}", "train.lr=0.0", "objective.tau_start=0.5"],
+                        {"storage": str(tiny["root"]), "name": "fine", "steps": 4, "batch_size": 4, "val_every": 0})
+    explainer, _, _, metadata = load_artifact(T.run(cfg, verbose=False))
+    started, *_ = load_artifact(start)
+    tuned = dict(explainer.named_parameters())  # parameters only: BatchNorm statistics move even at lr 0
+    assert all(torch.equal(tuned[k], v) for k, v in started.named_parameters())
+    assert metadata["steps"] == 4
+    assert metadata["init_from"]["explainer"] == start and metadata["init_from"]["steps"] >= 24
+    assert len(metadata["init_from"]["weights_sha256"]) == 64
+    mismatched = C.load_config(DEMO, tiny["sets"] + [f"train.init_from={start}", "target.mean=[0.1,0.1,0.1]"],
+                               {"storage": str(tiny["root"]), "name": "fine-other", "steps": 4})
+    with pytest.raises(Exception, match="train.init_from.*mean"):
+        T.run(mismatched, verbose=False)
 
 
 # ---------------------------------------------------------------- `ray job submit` on a head of our own
