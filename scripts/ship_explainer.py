@@ -5,7 +5,8 @@
     python scripts/ship_explainer.py runs/cifar10-vit cifar10-vit --target-weights explainers/cifar10-vit/target.safetensors
 
 Copies the artifact (model.safetensors, explainer.json) with the run's config.yaml and
-metrics.jsonl. The recorded target checkpoint and import paths become relative to the new
+metrics.jsonl (a fine-tuned run, `train.init_from`, also keeps its start's two, prefixed
+`init_from-`). The recorded target checkpoint and import paths become relative to the new
 folder (l2r.artifact resolves relative paths there), so the explainer works from any checkout
 that has the shared folder beside it; `--with-target-weights` copies the target's weights into
 the folder instead (for small targets trained by the project, such as the CIFAR-10 ViT). The
@@ -31,9 +32,10 @@ def ship(run_dir: Path, name: str, with_target_weights: bool = False, target_wei
         if not needed.is_file():
             raise FileNotFoundError(f"{needed}: not a finished training run")
     folder = ROOT / "explainers" / name
-    folder.mkdir(parents=True, exist_ok=True)
     document = json.loads((artifact / "explainer.json").read_text())
     metadata = document["metadata"]
+    history = started_history(metadata.get("init_from"))  # read first: it may be this very folder
+    folder.mkdir(parents=True, exist_ok=True)
     checkpoint = metadata["target"].get("checkpoint")
     if checkpoint and "://" not in checkpoint:
         if with_target_weights or target_weights:
@@ -48,7 +50,24 @@ def ship(run_dir: Path, name: str, with_target_weights: bool = False, target_wei
     shutil.copyfile(artifact / "model.safetensors", folder / "model.safetensors")
     for extra in ("config.yaml", "metrics.jsonl"):
         shutil.copyfile(run_dir / extra, folder / extra)
+    for file_name, text in history.items():
+        (folder / file_name).write_text(text)
     return folder
+
+
+def started_history(init_from: dict | None) -> dict:
+    """A fine-tuned run (train.init_from): the config and metrics of the explainer it started from, kept
+    beside its own as init_from-config.yaml / init_from-metrics.jsonl, so the whole training stays on record."""
+    if not init_from:
+        return {}
+    from l2r.artifact import resolve_explainer
+
+    start = resolve_explainer(init_from["explainer"])
+    if "://" in start:
+        return {}
+    start = Path(start)
+    return {f"init_from-{extra}": (start / extra).read_text()
+            for extra in ("config.yaml", "metrics.jsonl") if (start / extra).is_file()}
 
 
 def main(argv=None):

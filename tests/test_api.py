@@ -193,6 +193,15 @@ def test_a_shipped_folder_records_paths_relative_to_itself(tmp_path, monkeypatch
     shutil.move(weights, tmp_path / "elsewhere.pt")
     folder = ship_explainer.ship(run_dir, "demo-elsewhere", target_weights=tmp_path / "elsewhere.pt")
     assert l2r.load(folder).record.checkpoint == str((folder / "target.pt").resolve())
+    # A fine-tuned run (train.init_from) shipped over the folder it started from keeps that start's record.
+    document = json.loads((path / "explainer.json").read_text())
+    document["metadata"]["init_from"] = {"explainer": str(folder), "steps": 0, "weights_sha256": "0" * 64}
+    (path / "explainer.json").write_text(json.dumps(document))
+    (run_dir / "metrics.jsonl").write_text('{"step": 4}\n')
+    folder = ship_explainer.ship(run_dir, "demo-elsewhere", target_weights=tmp_path / "elsewhere.pt")
+    assert (folder / "init_from-metrics.jsonl").read_text() == '{"step": 0}\n'
+    assert (folder / "metrics.jsonl").read_text() == '{"step": 4}\n'
+    assert (folder / "init_from-config.yaml").read_text() == "name: demo\n"
     torch.save(other.state_dict(), tmp_path / "other.pt")
     folder = ship_explainer.ship(run_dir, "demo-other", target_weights=tmp_path / "other.pt")
     with pytest.raises(TargetMismatchError, match="weights sha256"):
