@@ -69,7 +69,9 @@ def main(argv=None):
     p.add_argument("--reference", default="black", help=f"one or several of {','.join(REFERENCES)}, comma-separated")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--actors", type=int)
-    p.add_argument("--threads", type=int, help="torch threads per actor and for the re-scoring")
+    p.add_argument("--threads", type=int, help="torch threads per actor")
+    p.add_argument("--rescore-threads", type=int, help="torch threads for the re-scoring under the other references, "
+                   "which runs alone after the job (default: torch's, every core)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--resamples", type=int, default=1000)
     p.add_argument("--output", help="keep the results and write the HTML report here (default: a temporary folder)")
@@ -129,7 +131,7 @@ def main(argv=None):
     for reference in references:
         began = time.perf_counter()
         if reference != references[0]:
-            table = rescore(table, config, reference, args.threads)
+            table = rescore(table, config, reference, args.rescore_threads)
         stats = summarize(table, resamples=args.resamples, methods=methods)
         print(f"\nCIFAR-10 test, first {run['images']} images, target {config.target}, {args.steps} steps, "
               f"reference {reference}, target class = prediction; "

@@ -40,7 +40,9 @@ def ship(run_dir: Path, name: str, with_target_weights: bool = False, target_wei
     if checkpoint and "://" not in checkpoint:
         if with_target_weights or target_weights:
             copied = folder / f"target{Path(checkpoint).suffix}"
-            shutil.copyfile(target_weights or checkpoint, copied)
+            source = Path(target_weights or checkpoint)
+            if not (copied.exists() and copied.samefile(source)):  # re-shipping over the folder it came from
+                shutil.copyfile(source, copied)
             metadata["target"]["checkpoint"] = copied.name
         else:
             metadata["target"]["checkpoint"] = os.path.relpath(checkpoint, folder)
