@@ -13,6 +13,8 @@ AUC per method with bootstrap intervals and the cost per image.
     python benchmarks/quality.py --target-info runs/vit_cifar10.safetensors.json \
         --explainer ~/l2r_runs/cifar10-vit/explainer        # the ViT target (benchmarks/train_vit.py)
     python benchmarks/quality.py --images 1000 --explainer cifar10-vit --reference impute,black,mean,blur
+    python benchmarks/quality.py --images 1000 --explainer cifar10-vit --reference impute,black \
+        --from-results runs/quality     # the tables of a kept (or stopped) run, without running it again
 
 The target is the explainer's own (the one its artifact records) when ``--explainer`` is given,
 else the shared ResNet-20; ``--target-info`` names the JSON that ``benchmarks/train_vit.py`` writes
@@ -76,6 +78,8 @@ def main(argv=None):
     p.add_argument("--resamples", type=int, default=1000)
     p.add_argument("--output", help="keep the results and write the HTML report here (default: a temporary folder)")
     p.add_argument("--gallery", type=int, default=8)
+    p.add_argument("--from-results", metavar="DIR", help="tabulate an earlier run's --output folder instead of running "
+                   "the job (its committed shards: a stopped run counts the shards it finished); same other flags")
     args = p.parse_args(argv)
     references = [r.strip() for r in args.reference.split(",") if r.strip()]
     unknown = [r for r in references if r not in REFERENCES]
@@ -106,10 +110,13 @@ def main(argv=None):
                if m.strip()]
     if args.explainer:
         methods = [EXPLAINER_METHOD, *methods]
-    work = Path(args.output or tempfile.mkdtemp(prefix="l2r-bench-quality-"))
+    work = Path(args.from_results or args.output or tempfile.mkdtemp(prefix="l2r-bench-quality-"))
     shard_dir = work / "shards"
-    shards = subset_shards(args.shards, args.images, 500, shard_dir)
-    (shard_dir / "classes.json").write_text(json.dumps({str(i): n for i, n in enumerate(CIFAR10_CLASSES)}))
+    if args.from_results:  # the shards it read, as they are (--images does not apply)
+        shards = sorted(str(path) for path in shard_dir.glob("*.tar"))
+    else:
+        shards = subset_shards(args.shards, args.images, 500, shard_dir)
+        (shard_dir / "classes.json").write_text(json.dumps({str(i): n for i, n in enumerate(CIFAR10_CLASSES)}))
 
     config = AttributeConfig(
         shards=shards, output=str(work / "results"), **target, explainer=args.explainer, methods=methods, steps=args.steps,
@@ -117,9 +124,17 @@ def main(argv=None):
         threads=args.threads, batch_size=args.batch_size, fast_path="eager", overwrite=True,
     )
     start = time.perf_counter()
-    run = run_attribution(config, log=lambda line: print(line, file=sys.stderr, flush=True))
+    if args.from_results:
+        table = read_results(config.output)
+        if not table.num_rows:
+            p.error(f"{config.output}: no finished shard to tabulate")
+        errors = table.column("error").to_pylist()
+        run = {"images": len(set(zip(table.column("source").to_pylist(), table.column("key").to_pylist()))),
+               "errors": sum(e is not None for e in errors)}
+    else:
+        run = run_attribution(config, log=lambda line: print(line, file=sys.stderr, flush=True))
     seconds = time.perf_counter() - start
-    if args.output:
+    if args.output or args.from_results:
         write_report(ReportConfig(results=config.output, gallery=args.gallery, resamples=args.resamples),
                      log=lambda line: None)
     table = read_results(config.output)
