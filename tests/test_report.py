@@ -265,4 +265,8 @@ def test_no_finding_when_every_method_beats_the_controls():
     methods["random"]["insertion_auc"]["mean"] = 0.85
     (finding,) = report_stats.control_findings(methods, {"reference": "impute"}, (32, 32))
     assert "beats gradcam (0.800) on insertion AUC (0.850, higher is better)" in finding
-    assert "l2r" not in finding and "impute reference the removed set" in finding
+    assert "l2r" not in finding and "rebuild a smooth copy" in finding  # insertion's own cause under impute
+    methods["random"]["deletion_auc"]["mean"] = 0.15
+    deletion, insertion = report_stats.control_findings(methods, {"reference": "impute"}, (32, 32))
+    assert "on deletion AUC (0.150" in deletion and "removed set's shape carries no colour edge" in deletion
+    assert insertion == finding
