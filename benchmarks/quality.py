@@ -90,6 +90,7 @@ def main(argv=None):
     from pipeline.attribute import EXPLAINER_METHOD, AttributeConfig, read_results, run_attribution
     from pipeline.report import ReportConfig, write_report
     from pipeline.report_stats import markdown_table, summarize
+    from pipeline.results import Stats
 
     target = {"target": SPEC, "checkpoint": str(CHECKPOINT), "model_kwargs": {}, "mean": MEAN, "std": STD,
               "input_size": (SIZE, SIZE)}
@@ -128,16 +129,16 @@ def main(argv=None):
         table = read_results(config.output)
         if not table.num_rows:
             p.error(f"{config.output}: no finished shard to tabulate")
-        errors = table.column("error").to_pylist()
-        run = {"images": len(set(zip(table.column("source").to_pylist(), table.column("key").to_pylist()))),
-               "errors": sum(e is not None for e in errors)}
+        counted = Stats(dict.fromkeys(table.column("method").to_pylist()))  # the job's own counts
+        counted.add_table(table)
+        run = {"images": counted.images, "errors": counted.errors}
     else:
         run = run_attribution(config, log=lambda line: print(line, file=sys.stderr, flush=True))
+        table = read_results(config.output)
     seconds = time.perf_counter() - start
     if args.output or args.from_results:
         write_report(ReportConfig(results=config.output, gallery=args.gallery, resamples=args.resamples),
                      log=lambda line: None)
-    table = read_results(config.output)
     cost = {}
     for m, s in summarize(table, resamples=1, methods=methods).items():
         if s["cost"]["forward_passes"] is not None:

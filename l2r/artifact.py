@@ -71,7 +71,7 @@ def load_artifact(path, device="cpu", record: TargetRecord | None = None, allow_
     return explainer.to(device).eval(), target, record, metadata
 
 
-def start_from(explainer, path, record: TargetRecord, storage_options: dict | None = None) -> dict:
+def start_from(explainer, path, record: TargetRecord, storage_options: dict | None = None) -> None:
     """Load an artifact's weights into a freshly built `explainer` (training's `train.init_from`).
 
     Refused, naming the artifact, unless it was trained for the same target (`record`, built: its
@@ -93,11 +93,9 @@ def start_from(explainer, path, record: TargetRecord, storage_options: dict | No
     load_state_dict_checked(explainer, load_file(str(weights), device="cpu"), str(weights))
 
 
-def describe_start(path, storage_options: dict | None = None) -> dict:
-    """What a fine-tuned artifact records of the one it started from (and a check that it can be read)."""
-    folder = Path(local_artifact(path, storage_options))
-    steps = read_metadata(folder).get("steps")
-    return {"explainer": str(path), "steps": steps, "weights_sha256": sha256_file(folder / WEIGHTS_FILE)}
+def describe_start(folder) -> dict:
+    """What a fine-tuned artifact records of the local artifact `folder` it started from."""
+    return {"steps": read_metadata(folder).get("steps"), "weights_sha256": sha256_file(Path(folder) / WEIGHTS_FILE)}
 
 
 # Explainers trained by the project's own training job, kept in the repository with their config

@@ -581,10 +581,9 @@ def initial_explainer(config: dict, options: dict | None) -> tuple[dict, dict]:
     says; the workers compare the weights), and what the artifact will record of it."""
     given = str(config["train"]["init_from"])
     path = given if "://" in given else str(Path(resolve_explainer(given)).resolve())
-    start = describe_start(path, options)
-    check_same_target(read_target_record(local_artifact(path, options)), target_record(config),
-                      f"{given} (train.init_from)")
-    return {**config["train"], "init_from": path}, {**start, "explainer": given}
+    folder = local_artifact(path, options)
+    check_same_target(read_target_record(folder), target_record(config), f"{given} (train.init_from)")
+    return {**config["train"], "init_from": path}, {"explainer": given, **describe_start(folder)}
 
 
 def finished_artifact(config: dict) -> str | None:
