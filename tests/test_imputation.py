@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from l2r import imputation
 from l2r.imputation import MEAN_COLOUR, impute, noise_field
 from l2r.metrics import deletion_insertion
 from l2r.objective import ObjectiveConfig, objective_backward
@@ -35,6 +36,17 @@ def test_equals_the_reference_solver_on_large_holes():
     smooth = F.interpolate(torch.rand(4, 1, 4, 4, generator=generator), size=(32, 32), mode="bilinear")
     removed = smooth >= smooth.flatten(1).quantile(0.2, dim=1).view(4, 1, 1, 1)  # 80 % in a few blobs
     assert (impute(images, removed, noise=0.0) - reference_imputation(images, removed)).abs().max() < 1e-4
+
+
+def test_a_cpu_solve_in_batches_equals_each_image_solved_alone(monkeypatch):
+    generator = torch.Generator().manual_seed(2)
+    images = torch.rand(7, 3, 16, 16, generator=generator)
+    removed = torch.rand(7, 1, 16, 16, generator=generator) < torch.linspace(0.1, 0.95, 7).view(7, 1, 1, 1)
+    monkeypatch.setattr(imputation, "CPU_BATCH_VALUES", 3 * images[0].numel())  # batches of 3, 3 and 1
+    batched = impute(images, removed, noise=0.0)
+    alone = torch.cat([impute(image[None], mask[None], noise=0.0) for image, mask in zip(images, removed)])
+    assert (batched - alone).abs().max() < 1e-4  # the solver tolerance, not bitwise: each batch stops on its own
+    assert (batched - reference_imputation(images, removed)).abs().max() < 1e-4
 
 
 def test_kept_pixels_untouched_and_noise_seeded():
