@@ -33,7 +33,8 @@ MAX_ITERATIONS = 500
 CHECK_EVERY = 2  # iterations between convergence checks (each check syncs a GPU)
 # On a CPU the solve goes in batches of at most this many pixel values (1 MB per float32 array):
 # its dozen working arrays then stay in cache, and each batch stops when its own systems have
-# converged, not the slowest of thousands. 1.4x faster than one batch (RESULTS.md, session 12).
+# converged, not the slowest of thousands (with the in-place stencils, 1.5x at 32 px on one
+# thread: RESULTS.md, session 12).
 # A GPU gets the whole batch: there a call's fixed cost dominates.
 CPU_BATCH_VALUES = 1 << 18
 
