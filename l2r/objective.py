@@ -38,7 +38,9 @@ class ObjectiveConfig:
     tau_end: float = 0.3
     peak_weight: float = 0.0025
     peak_window: int = 15
-    reference: str = "all"  # black | mean | blur | impute | all (one at random per step)
+    # black | mean | blur | impute | all (one at random per step) | {name: weight} (drawn per step
+    # in proportion, e.g. {impute: 3, black: 3, mean: 1, blur: 1} to favour two references)
+    reference: str | dict[str, float] = "all"
     targets: str = "prediction_and_ground_truth"
     smooth_sigma: float = 1.0
     noise: bool = True
@@ -47,8 +49,15 @@ class ObjectiveConfig:
     def __post_init__(self):
         if self.targets not in TARGET_RULES:
             raise ValueError(f"unknown target rule {self.targets!r}; choose one of {TARGET_RULES}")
-        if self.reference != "all" and self.reference not in REFERENCES:
-            raise ValueError(f"unknown reference {self.reference!r}; choose 'all' or one of {REFERENCES}")
+        if isinstance(self.reference, dict):
+            unknown = [name for name in self.reference if name not in REFERENCES]
+            if unknown or not self.reference:
+                raise ValueError(f"reference weights {self.reference!r}: names must be among {REFERENCES}")
+            if not all(isinstance(w, (int, float)) and 0 < w < float("inf") for w in self.reference.values()):
+                raise ValueError(f"reference weights {self.reference!r}: each weight must be a positive number")
+        elif self.reference != "all" and self.reference not in REFERENCES:
+            raise ValueError(f"unknown reference {self.reference!r}; choose 'all', one of {REFERENCES}, "
+                             "or a {name: weight} mapping of them")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -153,6 +162,10 @@ def curve_weights(k: int, device) -> torch.Tensor:
 
 
 def pick_reference(cfg: ObjectiveConfig, generator: torch.Generator | None = None) -> str:
+    if isinstance(cfg.reference, dict):
+        names = list(cfg.reference)
+        weights = torch.tensor([float(cfg.reference[n]) for n in names], dtype=torch.float64)
+        return names[int(torch.multinomial(weights, 1, generator=generator).item())]
     if cfg.reference != "all":
         return cfg.reference
     return REFERENCES[int(torch.randint(len(REFERENCES), (1,), generator=generator).item())]

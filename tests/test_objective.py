@@ -1,5 +1,6 @@
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -11,6 +12,7 @@ from l2r.objective import (
     select_targets,
     soft_masks,
     perturbed_target_probs,
+    pick_reference,
     curve_weights,
     tau_at,
 )
@@ -94,3 +96,17 @@ def test_training_improves_the_exact_metric_on_a_linear_model():
         objective_backward(explainer, model, x, None, cfg, progress=step / 60, generator=g)
         opt.step()
     assert score() > before + 0.05
+
+
+def test_a_weighted_reference_mix_draws_each_reference_in_proportion_and_rejects_bad_weights():
+    cfg = ObjectiveConfig(reference={"impute": 3, "black": 1})
+    g = torch.Generator().manual_seed(0)
+    drawn = [pick_reference(cfg, g) for _ in range(4000)]
+    assert set(drawn) == {"impute", "black"}
+    assert abs(drawn.count("impute") / len(drawn) - 0.75) < 0.03
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert [pick_reference(cfg, g1) for _ in range(50)] == [pick_reference(cfg, g2) for _ in range(50)]
+    assert pick_reference(ObjectiveConfig(reference="mean"), g) == "mean"
+    for bad in ({"impute": 1, "noise": 1}, {"black": 0}, {"black": -1.0}, {}, {"black": "a"}):
+        with pytest.raises(ValueError, match="reference"):
+            ObjectiveConfig(reference=bad)
