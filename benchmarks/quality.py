@@ -15,6 +15,12 @@ AUC per method with bootstrap intervals and the cost per image.
     python benchmarks/quality.py --images 1000 --explainer cifar10-vit --reference impute,black,mean,blur
     python benchmarks/quality.py --images 1000 --explainer cifar10-vit --reference impute,black \
         --from-results runs/quality     # the tables of a kept (or stopped) run, without running it again
+    python benchmarks/quality.py --explainer runs/other/explainer --reference impute,black \
+        --baselines-from runs/quality   # a new explainer against a kept run's baseline maps
+
+``--baselines-from`` runs the job for the explainer alone, on a kept run's images, and takes every
+baseline's rows from that run (their maps depend only on the target, images and protocol, which must
+match): comparing a new explainer costs minutes instead of RISE's and IG's passes again.
 
 The target is the explainer's own (the one its artifact records) when ``--explainer`` is given,
 else the shared ResNet-20; ``--target-info`` names the JSON that ``benchmarks/train_vit.py`` writes
@@ -80,7 +86,11 @@ def main(argv=None):
     p.add_argument("--gallery", type=int, default=8)
     p.add_argument("--from-results", metavar="DIR", help="tabulate an earlier run's --output folder instead of running "
                    "the job (its committed shards: a stopped run counts the shards it finished); same other flags")
+    p.add_argument("--baselines-from", metavar="DIR", help="a kept run's --output folder: run only the explainer on "
+                   "its images and take the baselines' rows from it (same target and protocol)")
     args = p.parse_args(argv)
+    if args.baselines_from and (args.from_results or not args.explainer):
+        p.error("--baselines-from needs --explainer and excludes --from-results")
     references = [r.strip() for r in args.reference.split(",") if r.strip()]
     unknown = [r for r in references if r not in REFERENCES]
     if unknown or not references:
@@ -113,14 +123,16 @@ def main(argv=None):
         methods = [EXPLAINER_METHOD, *methods]
     work = Path(args.from_results or args.output or tempfile.mkdtemp(prefix="l2r-bench-quality-"))
     shard_dir = work / "shards"
-    if args.from_results:  # the shards it read, as they are (--images does not apply)
+    if args.from_results or args.baselines_from:  # the shards it read, as they are (--images does not apply)
+        shard_dir = Path(args.baselines_from or args.from_results) / "shards"
         shards = sorted(str(path) for path in shard_dir.glob("*.tar"))
     else:
         shards = subset_shards(args.shards, args.images, 500, shard_dir)
         (shard_dir / "classes.json").write_text(json.dumps({str(i): n for i, n in enumerate(CIFAR10_CLASSES)}))
 
     config = AttributeConfig(
-        shards=shards, output=str(work / "results"), **target, explainer=args.explainer, methods=methods, steps=args.steps,
+        shards=shards, output=str(work / "results"), **target, explainer=args.explainer,
+        methods=[EXPLAINER_METHOD] if args.baselines_from else methods, steps=args.steps,
         reference=references[0], refine_steps=args.refine_steps, device=args.device, actors=args.actors,
         threads=args.threads, batch_size=args.batch_size, fast_path="eager", overwrite=True,
     )
@@ -135,6 +147,8 @@ def main(argv=None):
     else:
         run = run_attribution(config, log=lambda line: print(line, file=sys.stderr, flush=True))
         table = read_results(config.output)
+        if args.baselines_from:
+            table = with_kept_baselines(table, config.output, Path(args.baselines_from) / "results", methods)
     seconds = time.perf_counter() - start
     if args.output or args.from_results:
         write_report(ReportConfig(results=config.output, gallery=args.gallery, resamples=args.resamples),
@@ -171,6 +185,36 @@ def main(argv=None):
         "references": results, "cost": cost, "images": run["images"], "errors": run["errors"], "seconds": seconds,
         "explainer": args.explainer, "target": config.target, "steps": args.steps,
     }))
+
+
+def with_kept_baselines(table, output: str, kept: Path, methods: list[str]):
+    """`table` (the explainer's rows) with the baseline rows of the kept results folder `kept`, after
+    checking that both runs explained the same target on the same images under the same protocol."""
+    import pyarrow as pa
+
+    from pipeline.attribute import EXPLAINER_METHOD, read_results
+    from pipeline.report import read_manifest
+
+    ours, theirs = read_manifest(output)["identity"], read_manifest(str(kept))
+    if theirs is None:
+        raise SystemExit(f"--baselines-from: {kept} has no manifest.json")
+    theirs = theirs["identity"]
+    for name, a, b in (("protocol", ours["protocol"], theirs["protocol"]),
+                       ("target weights", ours["target"]["weights_sha256"], theirs["target"]["weights_sha256"]),
+                       ("target", ours["target"]["spec"], theirs["target"]["spec"]),
+                       ("crop", ours["crop_pct"], theirs["crop_pct"])):
+        if a != b:
+            raise SystemExit(f"--baselines-from {kept}: its {name} {b!r} differs from this run's {a!r}")
+    kept_table = read_results(str(kept))
+    baselines = [m for m in methods if m != EXPLAINER_METHOD]
+    missing = sorted(set(baselines) - set(kept_table.column("method").to_pylist()))
+    if missing:
+        raise SystemExit(f"--baselines-from {kept}: no rows for {missing}")
+    keys = set(table.column("key").to_pylist())
+    rows = [r for r in kept_table.to_pylist() if r["method"] in baselines]
+    if {r["key"] for r in rows} != keys:
+        raise SystemExit(f"--baselines-from {kept}: its images differ from this run's")
+    return pa.concat_tables([table, pa.Table.from_pylist(rows, schema=table.schema)])
 
 
 def rescore(table, config, reference: str, threads: int | None = None):
