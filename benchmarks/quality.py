@@ -160,7 +160,9 @@ def main(argv=None):
     results = {}
     for reference in references:
         began = time.perf_counter()
-        if reference != references[0]:
+        if reference != references[0] and args.baselines_from:
+            table = rescore_with_kept(table, config, reference, args.rescore_threads, Path(args.baselines_from))
+        elif reference != references[0]:
             table = rescore(table, config, reference, args.rescore_threads)
         stats = summarize(table, resamples=args.resamples, methods=methods)
         print(f"\nCIFAR-10 test, first {run['images']} images, target {config.target}, {args.steps} steps, "
@@ -215,6 +217,27 @@ def with_kept_baselines(table, output: str, kept: Path, methods: list[str]):
     if {r["key"] for r in rows} != keys:
         raise SystemExit(f"--baselines-from {kept}: its images differ from this run's")
     return pa.concat_tables([table, pa.Table.from_pylist(rows, schema=table.schema)])
+
+
+def rescore_with_kept(table, config, reference: str, threads: int | None, kept: Path):
+    """`rescore` for a --baselines-from table: the explainer's rows scored now, the baselines' rows
+    scored once and kept beside the kept run (`rescored/<reference>.parquet`), since their maps are fixed."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pipeline.attribute import EXPLAINER_METHOD
+
+    ours = table.filter(pc.equal(table.column("method"), EXPLAINER_METHOD))
+    baselines = table.filter(pc.not_equal(table.column("method"), EXPLAINER_METHOD))
+    cache = kept / "rescored" / f"{reference}.parquet"
+    scored = pq.read_table(cache, schema=table.schema) if cache.exists() else None
+    wanted = sorted(zip(baselines.column("method").to_pylist(), baselines.column("key").to_pylist()))
+    if scored is None or sorted(zip(scored.column("method").to_pylist(), scored.column("key").to_pylist())) != wanted:
+        scored = rescore(baselines, config, reference, threads)
+        cache.parent.mkdir(exist_ok=True)
+        pq.write_table(scored, cache)
+    return pa.concat_tables([rescore(ours, config, reference, threads), scored])
 
 
 def rescore(table, config, reference: str, threads: int | None = None):
