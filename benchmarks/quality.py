@@ -232,12 +232,16 @@ def rescore_with_kept(table, config, reference: str, threads: int | None, kept: 
     baselines = table.filter(pc.not_equal(table.column("method"), EXPLAINER_METHOD))
     cache = kept / "rescored" / f"{reference}.parquet"
     scored = pq.read_table(cache, schema=table.schema) if cache.exists() else None
-    wanted = sorted(zip(baselines.column("method").to_pylist(), baselines.column("key").to_pylist()))
-    if scored is None or sorted(zip(scored.column("method").to_pylist(), scored.column("key").to_pylist())) != wanted:
+    if scored is None or method_keys(scored) != method_keys(baselines):
         scored = rescore(baselines, config, reference, threads)
         cache.parent.mkdir(exist_ok=True)
         pq.write_table(scored, cache)
     return pa.concat_tables([rescore(ours, config, reference, threads), scored])
+
+
+def method_keys(table) -> list[tuple[str, str]]:
+    """The table's (method, image key) pairs, sorted: which rows it holds, whatever their order."""
+    return sorted(zip(table.column("method").to_pylist(), table.column("key").to_pylist()))
 
 
 def rescore(table, config, reference: str, threads: int | None = None):
