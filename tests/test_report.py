@@ -3,8 +3,10 @@
 import base64
 import io
 import json
+import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -171,7 +173,18 @@ def test_html_is_self_contained_with_table_values_and_gallery(results, report):
     np.testing.assert_array_equal(shown, expected)
 
 
+def wait_for_browser_install(timeout: float = 600) -> None:
+    """`.ci/run` installs Chromium beside the tests; its status file says "done <rc>" when it ends."""
+    status = os.environ.get("L2R_BROWSER_INSTALL")
+    deadline = time.time() + timeout
+    while status and not CHROMIUM.exists() and time.time() < deadline:
+        if Path(status).read_text().startswith("done"):
+            return
+        time.sleep(2)
+
+
 def test_html_renders_in_a_headless_browser(report, tmp_path):
+    wait_for_browser_install()
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium): cannot render the page")
     shot = tmp_path / "report.png"
