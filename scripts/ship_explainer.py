@@ -59,7 +59,8 @@ def ship(run_dir: Path, name: str, with_target_weights: bool = False, target_wei
 
 def started_history(init_from: dict | None) -> dict:
     """A fine-tuned run (train.init_from): the config and metrics of the explainer it started from, kept
-    beside its own as init_from-config.yaml / init_from-metrics.jsonl, so the whole training stays on record."""
+    beside its own as init_from-config.yaml / init_from-metrics.jsonl, and that start's own history one
+    `init_from-` further (init_from-init_from-config.yaml, ...), so the whole chain of training stays on record."""
     if not init_from:
         return {}
     from l2r.artifact import resolve_explainer
@@ -68,8 +69,15 @@ def started_history(init_from: dict | None) -> dict:
     if "://" in start:
         return {}
     start = Path(start)
-    return {f"init_from-{extra}": (start / extra).read_text()
-            for extra in ("config.yaml", "metrics.jsonl") if (start / extra).is_file()}
+    # A shipped folder holds its records; a run's artifact (<run>/explainer) has them in the run folder.
+    records = start if (start / "config.yaml").is_file() else start.parent
+    history = {f"init_from-{extra}": (records / extra).read_text()
+               for extra in ("config.yaml", "metrics.jsonl") if (records / extra).is_file()}
+    earlier = {f"init_from-{p.name}": p.read_text() for p in sorted(records.glob("init_from-*"))}
+    if not earlier and (start / "explainer.json").is_file():  # a run's start: follow its own init_from
+        metadata = json.loads((start / "explainer.json").read_text())["metadata"]
+        earlier = {f"init_from-{name}": text for name, text in started_history(metadata.get("init_from")).items()}
+    return {**history, **earlier}
 
 
 def main(argv=None):

@@ -202,6 +202,23 @@ def test_a_shipped_folder_records_paths_relative_to_itself(tmp_path, monkeypatch
     assert (folder / "init_from-metrics.jsonl").read_text() == '{"step": 0}\n'
     assert (folder / "metrics.jsonl").read_text() == '{"step": 4}\n'
     assert (folder / "init_from-config.yaml").read_text() == "name: demo\n"
+    # A run started from another run's artifact (not shipped), itself a fine-tune of the shipped folder:
+    # the chain's every record is kept, each earlier one an `init_from-` further.
+    second = tmp_path / "second" / "explainer"
+    shutil.copytree(path, second)
+    document["metadata"]["init_from"] = {"explainer": str(path), "steps": 4, "weights_sha256": "0" * 64}
+    (second / "explainer.json").write_text(json.dumps(document))
+    (second.parent / "metrics.jsonl").write_text('{"step": 8}\n')
+    (second.parent / "config.yaml").write_text("name: second\n")
+    document["metadata"]["init_from"] = {"explainer": str(folder), "steps": 4, "weights_sha256": "0" * 64}
+    (path / "explainer.json").write_text(json.dumps(document))
+    chained = ship_explainer.ship(second.parent, "demo-chained", target_weights=tmp_path / "elsewhere.pt")
+    records = {p.name: p.read_text() for p in chained.glob("*init_from-*")}
+    assert records == {"init_from-config.yaml": "name: demo\n", "init_from-metrics.jsonl": '{"step": 4}\n',
+                       "init_from-init_from-config.yaml": "name: demo\n",
+                       "init_from-init_from-metrics.jsonl": '{"step": 4}\n',
+                       "init_from-init_from-init_from-config.yaml": "name: demo\n",
+                       "init_from-init_from-init_from-metrics.jsonl": '{"step": 0}\n'}
     torch.save(other.state_dict(), tmp_path / "other.pt")
     folder = ship_explainer.ship(run_dir, "demo-other", target_weights=tmp_path / "other.pt")
     with pytest.raises(TargetMismatchError, match="weights sha256"):
