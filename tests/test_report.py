@@ -173,20 +173,25 @@ def test_html_is_self_contained_with_table_values_and_gallery(results, report):
     np.testing.assert_array_equal(shown, expected)
 
 
-def wait_for_browser_install(timeout: float = 600) -> None:
-    """`.ci/run` installs Chromium beside the tests; its status file says "done <rc>" when it ends."""
+def wait_for_browser_install(timeout: float = 600) -> str:
+    """`.ci/run` installs Chromium beside the tests; its status file says "done <rc>" when it ends.
+    Returns what it last said ("" outside CI)."""
     status = os.environ.get("L2R_BROWSER_INSTALL")
     deadline = time.time() + timeout
+    said = ""
     while status and not CHROMIUM.exists() and time.time() < deadline:
-        if Path(status).read_text().startswith("done"):
-            return
+        said = Path(status).read_text().strip()
+        if said.startswith("done"):
+            break
         time.sleep(2)
+    return said
 
 
 def test_html_renders_in_a_headless_browser(report, tmp_path):
-    wait_for_browser_install()
+    install = wait_for_browser_install()
     if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium): cannot render the page")
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium): cannot render the page"
+                    + (f"; the CI's install said {install!r}" if install else ""))
     shot = tmp_path / "report.png"
     command = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                "--disable-component-update", "--disable-sync", "--no-first-run",
