@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
 DEFAULT_SHARDS = SHARED / "data" / "cifar10" / "test-{0000..0001}.tar"
 CHECKPOINT = SHARED / "models" / "resnet20-12fca82f.th"
-SPEC = "benchmarks.resnet20:resnet20"
+SPEC = "l2r.zoo.resnet20:resnet20"
 MEAN, STD, SIZE = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 32
 MOBILENET_STATS = (0.50196, 0.50196, 0.50196)
 MODELS = {
@@ -68,7 +68,7 @@ def build(model: str, checkpoint: str | None = None):
 def subset_shards(spec: str, images: int, shard_size: int, folder: Path, repeat: int = 1) -> list[str]:
     """Copy the first `images` samples of the shards into shards of `shard_size` (bytes unchanged),
     `repeat` times over (copies get new keys: enough images for a steady state from little data)."""
-    from pipeline.data import expand_urls
+    from l2r.shard_reader import expand_urls
 
     paths, out, count, current, members_in_sample = [], None, 0, None, []
     folder.mkdir(parents=True, exist_ok=True)
@@ -171,7 +171,7 @@ def naive_rate(target, explainer, shards: list[str], steps: int, images: int, de
     import torch
 
     from l2r.images import to_tensor
-    from pipeline.data import iter_shard
+    from l2r.shard_reader import iter_shard
 
     h = w = SIZE
     fracs = [k / (steps - 1) for k in range(steps)]

@@ -1,7 +1,7 @@
 """Read + decode + preprocess throughput and memory of the shard reader.
 
 Compares, on the shared CIFAR-10 shards (../shared/data/cifar10):
-- ``ray``:   ``pipeline.data.read_shards`` consumed with ``iter_batches`` (all CPUs);
+- ``ray``:   ``pipeline.dataset.read_shards`` consumed with ``iter_batches`` (all CPUs);
 - ``plain``: a single-process ``webdataset`` + PIL loop with the same preprocessing.
 
 Each measurement runs in a fresh subprocess. Memory: a sampler thread reads
@@ -103,7 +103,7 @@ class PeakMemory:
 def run_ray(urls: list[str], size: int) -> dict:
     import ray
 
-    from pipeline.data import read_shards
+    from pipeline.dataset import read_shards
 
     started = time.perf_counter()
     ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
@@ -166,7 +166,7 @@ def main() -> None:
         print(json.dumps(runner(json.loads(args.urls), args.size)))
         return
 
-    from pipeline.data import expand_urls
+    from l2r.shard_reader import expand_urls
 
     urls = expand_urls(args.shards)
     print(f"{len(urls)} shards from {args.shards}; {os.cpu_count()} CPUs; output {args.size}x{args.size}")

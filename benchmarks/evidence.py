@@ -3,7 +3,7 @@
 The synthetic dataset (``l2r.synthetic``) decides each label by one class object whose
 pixel mask is known. This script fits a small target (ResNet-8 for 32 px, one block per
 stage) on generated images in-process, writes held-out shards with masks
-(``pipeline.shards``), runs the attribution job with ``with_mask`` (evidence scores per row)
+(``l2r.shards``), runs the attribution job with ``with_mask`` (evidence scores per row)
 and prints the report's summary: deletion / insertion AUC, pointing game accuracy and mean
 mask AUROC per method, with bootstrap intervals.
 
@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SPEC = "benchmarks.resnet20:ResNetCifar"
+SPEC = "l2r.zoo.resnet20:ResNetCifar"
 KWARGS = {"blocks_per_stage": 1, "num_classes": 10}
 SIZE = 32
 BASELINES = ("gradcam", "ig", "saliency", "rise", "random", "gaussian")
@@ -70,7 +70,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=200, help="held-out synthetic images")
     p.add_argument("--fit-steps", type=int, default=300, help="target fitting steps (batch 64)")
-    p.add_argument("--target-checkpoint", help="use this target (benchmarks.resnet20:ResNetCifar, 1 block per stage)")
+    p.add_argument("--target-checkpoint", help="use this target (l2r.zoo.resnet20:ResNetCifar, 1 block per stage)")
     p.add_argument("--explainer", help="explainer artifact trained for --target-checkpoint")
     p.add_argument("--methods", default=",".join(BASELINES))
     p.add_argument("--steps", type=int, default=21)
@@ -82,9 +82,9 @@ def main(argv=None):
         p.error("--explainer needs --target-checkpoint (the target it was trained for)")
 
     from pipeline.attribute import EXPLAINER_METHOD, AttributeConfig, read_results, run_attribution
-    from pipeline.report import ReportConfig, write_report
-    from pipeline.report_stats import markdown_table, summarize
-    from pipeline.shards import make_shards
+    from l2r.reporting.report import ReportConfig, write_report
+    from l2r.reporting.stats import markdown_table, summarize
+    from l2r.shards import make_shards
 
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     work = Path(args.output or tempfile.mkdtemp(prefix="l2r-bench-evidence-"))

@@ -57,15 +57,15 @@ stage() {  # stage NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.
 # An untrained explainer on the target's layers (throughput does not depend on training).
 $PY - "$CKPT" "$WORK/explainer" <<'EOF' || exit 1
 import sys
-from benchmarks.resnet20 import CIFAR10_MEAN, CIFAR10_STD
+from l2r.zoo.resnet20 import CIFAR10_MEAN, CIFAR10_STD
 from l2r.classifier import build_target
 from l2r.explainer import build_explainer, save_explainer
-target = build_target("benchmarks.resnet20:resnet20", checkpoint=sys.argv[1], mean=CIFAR10_MEAN, std=CIFAR10_STD, input_size=(32, 32))
+target = build_target("l2r.zoo.resnet20:resnet20", checkpoint=sys.argv[1], mean=CIFAR10_MEAN, std=CIFAR10_STD, input_size=(32, 32))
 explainer = build_explainer({"backbone": "target", "layers": ["layer1", "layer2", "layer3"], "dim": 32, "head_dim": 16}, target=target)
 save_explainer(sys.argv[2], explainer, {"note": "untrained, gpu_check"})
 EOF
 
-JOB=(jobs/attribute.py --shards "$DATA/test-0000.tar" --model benchmarks.resnet20:resnet20
+JOB=(jobs/attribute.py --shards "$DATA/test-0000.tar" --model l2r.zoo.resnet20:resnet20
      --checkpoint "$CKPT" --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --input-size 32
      --explainer "$WORK/explainer" --methods l2r,gradcam,saliency,random --device cuda --progress-interval 15)
 stage job_fp32 80 $PY "${JOB[@]}" --output "$WORK/attr_fp32"

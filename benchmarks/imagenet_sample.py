@@ -64,7 +64,7 @@ def scores_by_method(rows) -> dict:
 
 def statistics(scores: dict, reference_method: str, resamples: int) -> dict:
     """Means with intervals, and differences to `reference_method` paired per image."""
-    from pipeline.report_stats import bootstrap_means
+    from l2r.reporting.stats import bootstrap_means
 
     keys = sorted(set.intersection(*(set(s) for s in scores.values())))
     columns = {}
@@ -151,7 +151,7 @@ def main(argv=None):
             for m, s in stats.items() if m != "images"}}
     if args.report and args.explainer:
         # The report reads one output folder: l2r and the one-pass baselines again, on the black reference.
-        from pipeline.report import ReportConfig, write_report
+        from l2r.reporting.report import ReportConfig, write_report
 
         folder = out / "report-black"
         methods = (EXPLAINER_METHOD, *[m for m in baselines if m not in ("ig", "rise")])

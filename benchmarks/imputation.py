@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.attribute import MODELS, build  # noqa: E402
 from l2r.imputation import impute  # noqa: E402
 from l2r.metrics import deletion_insertion  # noqa: E402
-from pipeline.data import iter_shard  # noqa: E402
+from l2r.shard_reader import iter_shard  # noqa: E402
 
 
 def real_images(model: str, count: int, shard: str | None = None) -> torch.Tensor:

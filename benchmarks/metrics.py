@@ -25,7 +25,7 @@ RESNET20 = ROOT.parent / "shared" / "models" / "resnet20-12fca82f.th"
 
 def target_model(device):
     if RESNET20.exists():
-        model = build_target("benchmarks.resnet20:resnet20", checkpoint=str(RESNET20), input_size=(32, 32))
+        model = build_target("l2r.zoo.resnet20:resnet20", checkpoint=str(RESNET20), input_size=(32, 32))
     else:  # a fresh clone without ../shared: a small timm CNN of similar cost
         model = build_target("timm:resnet10t", model_kwargs={"num_classes": 10}, random_init=True, input_size=(32, 32))
     return model.to(device)

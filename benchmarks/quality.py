@@ -4,7 +4,7 @@ On the first ``--images`` images of the shared CIFAR-10 test shards, with the sh
 ResNet-20 as the target, this runs the attribution job (``pipeline.attribute.run_attribution``)
 with ``l2r`` (when ``--explainer`` names an artifact, e.g. the training job's cifar10 config
 output) and the baselines that apply to a CNN (gradcam, ig, saliency, rise, random,
-gaussian), then the report's summary (``pipeline.report``): mean exact deletion / insertion
+gaussian), then the report's summary (``l2r.reporting.report``): mean exact deletion / insertion
 AUC per method with bootstrap intervals and the cost per image.
 
     python benchmarks/quality.py --images 500 --explainer ~/l2r_runs/cifar10/explainer
@@ -96,11 +96,11 @@ def main(argv=None):
     if unknown or not references:
         p.error(f"unknown reference {unknown}; choose from {REFERENCES}")
 
-    from benchmarks.resnet20 import CIFAR10_CLASSES
+    from l2r.zoo.resnet20 import CIFAR10_CLASSES
     from pipeline.attribute import EXPLAINER_METHOD, AttributeConfig, read_results, run_attribution
-    from pipeline.report import ReportConfig, write_report
-    from pipeline.report_stats import markdown_table, summarize
-    from pipeline.results import Stats
+    from l2r.reporting.report import ReportConfig, write_report
+    from l2r.reporting.stats import markdown_table, summarize
+    from l2r.results import Stats
 
     target = {"target": SPEC, "checkpoint": str(CHECKPOINT), "model_kwargs": {}, "mean": MEAN, "std": STD,
               "input_size": (SIZE, SIZE)}
@@ -195,7 +195,7 @@ def with_kept_baselines(table, output: str, kept: Path, methods: list[str]):
     import pyarrow as pa
 
     from pipeline.attribute import EXPLAINER_METHOD, read_results
-    from pipeline.report import read_manifest
+    from l2r.reporting.report import read_manifest
 
     ours, theirs = read_manifest(output)["identity"], read_manifest(str(kept))
     if theirs is None:
@@ -253,8 +253,8 @@ def rescore(table, config, reference: str, threads: int | None = None):
 
     from l2r.images import decode_heatmap, to_tensor
     from l2r.metrics import deletion_insertion
-    from pipeline.data import iter_shard
-    from pipeline.results import SCHEMA
+    from l2r.shard_reader import iter_shard
+    from l2r.results import SCHEMA
 
     if threads:
         torch.set_num_threads(threads)

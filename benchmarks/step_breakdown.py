@@ -45,7 +45,7 @@ def main(argv=None):
     from l2r.explainer import build_explainer
     from l2r.images import to_tensor
     from pipeline.config import load_config
-    from pipeline.data import expand_urls, iter_shard
+    from l2r.shard_reader import expand_urls, iter_shard
     from pipeline.train import make_target, training_read_size
 
     if args.threads:

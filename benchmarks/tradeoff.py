@@ -53,7 +53,7 @@ def main(argv=None):
     from l2r.images import to_tensor
     from l2r.metrics import deletion_insertion
     from l2r.refine import rank_uniform, refine
-    from pipeline.data import iter_shard
+    from l2r.shard_reader import iter_shard
 
     rows = []
     for row in iter_shard(str(SHARD), SIZE):

@@ -54,7 +54,7 @@ EXPLAINER = {"backbone": "target", "layers": ["layer1", "layer2", "layer3"], "di
 
 def models(size: int, device: str, blocks: int = 3):
     torch.manual_seed(0)
-    target = build_target("benchmarks.resnet20:ResNetCifar", model_kwargs={"blocks_per_stage": blocks},
+    target = build_target("l2r.zoo.resnet20:ResNetCifar", model_kwargs={"blocks_per_stage": blocks},
                           input_size=(size, size)).to(device)
     explainer = build_explainer(EXPLAINER, target).to(device)
     return target, explainer
@@ -142,7 +142,7 @@ def plain_child(args) -> None:
     import numpy as np
 
     from l2r.images import to_tensor
-    from pipeline.data import expand_urls, iter_shard
+    from l2r.shard_reader import expand_urls, iter_shard
     from pipeline.train import make_optimizer, prepare_synthetic, train_step
 
     os.nice(int(os.environ.get("RAY_worker_niceness", 15)))
@@ -176,7 +176,7 @@ def overhead_benchmark(args) -> dict:
     from pipeline.train import prepare_synthetic
 
     storage = tempfile.mkdtemp(prefix="l2r_bench_")
-    os.chdir(ROOT)  # the target spec imports benchmarks.resnet20 from here
+    os.chdir(ROOT)  # the target spec imports l2r.zoo.resnet20 from here
     # One set of synthetic shards (the plain loop's) for every run, written once.
     shards = prepare_synthetic(overhead_config(args, storage, "plain"))
     rounds = []

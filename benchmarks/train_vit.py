@@ -37,7 +37,7 @@ MEAN, STD = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)
 
 
 def load_split(pattern: str) -> tuple[torch.Tensor, torch.Tensor]:
-    from pipeline.data import expand_urls, iter_shard
+    from l2r.shard_reader import expand_urls, iter_shard
 
     images, labels = [], []
     for url in expand_urls(pattern):

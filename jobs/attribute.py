@@ -1,7 +1,7 @@
 """Attribute every image of a set of shards with one or more methods; write Parquet + manifest.json.
 
     python jobs/attribute.py --shards 'data/test-{0000..0001}.tar' --output runs/attr \\
-        --model benchmarks.resnet20:resnet20 --checkpoint resnet20.th --input-size 32 \\
+        --model l2r.zoo.resnet20:resnet20 --checkpoint resnet20.th --input-size 32 \\
         --explainer runs/explainer --methods l2r,gradcam,ig,rise,random --steps 21 --reference black
 
     ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/attribute.py \\

@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from l2r import storage  # noqa: E402
-from pipeline.shards import make_shards  # noqa: E402
+from l2r.shards import make_shards  # noqa: E402
 
 
 def main(argv=None):

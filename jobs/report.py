@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pipeline.report import ReportConfig, write_report  # noqa: E402
+from l2r.reporting.report import ReportConfig, write_report  # noqa: E402
 
 
 def build_parser():

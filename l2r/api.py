@@ -156,8 +156,7 @@ def report(results: str, output: str | None = None, gallery: int = 8, storage_op
     The same report as `jobs/report.py` (summary.md, summary.json, report.html, summary.png in
     `output`, default `<results>/report`). In a notebook the returned object shows as the picture.
     """
-    # The jobs' report module: pyarrow and Pillow only, no Ray.
-    from pipeline.report import ReportConfig, write_report
+    from l2r.reporting.report import ReportConfig, write_report
 
     config = ReportConfig(results=results, output=output, gallery=gallery, storage_options=storage_options)
     return Report(write_report(config, log=lambda line: None))

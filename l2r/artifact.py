@@ -39,10 +39,13 @@ def read_target_record(path) -> TargetRecord:
     if not recorded or not recorded.get("spec"):
         raise ValueError(f"explainer artifact {path} does not record its target model; give the model explicitly")
     # Training records absolute paths; a relative one (a shipped explainer's) is relative to the
-    # artifact folder, so the repository's explainers work from any checkout and directory.
+    # artifact folder, so the shipped explainers work from any checkout or install and directory.
     checkpoint = recorded.get("checkpoint")
     if checkpoint and "://" not in checkpoint and not Path(checkpoint).is_absolute():
         recorded = {**recorded, "checkpoint": str((Path(path) / checkpoint).resolve())}
+    model_file, _, name = recorded["spec"].rpartition(":")
+    if model_file.endswith(".py") and not Path(model_file).is_absolute():  # path/to/model.py:callable
+        recorded = {**recorded, "spec": f"{(Path(path) / model_file).resolve()}:{name}"}
     for extra in metadata.get("import_paths", []):
         if "://" not in extra and not Path(extra).is_absolute():
             extra = str((Path(path) / extra).resolve())
@@ -98,9 +101,10 @@ def describe_start(folder) -> dict:
     return {"steps": read_metadata(folder).get("steps"), "weights_sha256": sha256_file(Path(folder) / WEIGHTS_FILE)}
 
 
-# Explainers trained by the project's own training job, kept in the repository with their config
-# and metrics.jsonl: loadable by folder name (e.g. "cifar10-resnet20").
-SHIPPED = Path(__file__).resolve().parents[1] / "explainers"
+# Explainers trained by the project's own training job, kept with their config and metrics.jsonl as
+# package data (l2r/explainers/<name>, in a checkout and in an installed wheel alike): loadable by
+# folder name (e.g. "cifar10-resnet20").
+SHIPPED = Path(__file__).resolve().parent / "explainers"
 
 
 def shipped_explainers() -> list[str]:

@@ -203,11 +203,16 @@ def load_checkpoint(net: nn.Module, path: str | os.PathLike) -> None:
     load_state_dict_checked(net, read_state_dict(path), str(path))
 
 
+# Models that moved into the package (l2r.zoo): artifacts and configs written before name the old module.
+MOVED_MODULES = {"benchmarks.resnet20": "l2r.zoo.resnet20"}
+
+
 def import_callable(spec: str):
     """Resolve `package.module:callable` (the current directory is importable, as for `python -m`)."""
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"model spec {spec!r}: expected 'timm:NAME' or 'package.module:callable'")
+    module_name = MOVED_MODULES.get(module_name, module_name)
     if module_name.endswith(".py"):
         return _callable_from_file(spec, Path(module_name), attr)
     cwd = os.getcwd()

@@ -8,12 +8,12 @@ zeros then) and, with ``with_mask``, ``mask`` (bool H, W from ``mask.png``).
 Why we read tars ourselves instead of ``ray.data.read_webdataset``: Ray's reader
 fails the whole dataset when one shard is truncated or unreadable (the
 ``tarfile`` error escapes its read task) and on non-contiguous keys. Here one
-Ray task streams one shard with Python's ``tarfile`` over ``fsspec`` and turns
-each sample into a row with ``sample_to_row``, catching errors per sample and
-per shard, so a bad sample or a broken shard becomes an error row naming it and
-the rest is still read. Tasks yield batches as they go, so memory stays bounded
-by Ray's streaming backpressure, not by dataset size. The same code backs the
-Ray-free ``iter_shard``.
+shard is streamed with Python's ``tarfile`` over ``fsspec`` and each sample turned
+into a row with ``sample_to_row``, catching errors per sample and per shard, so a
+bad sample or a broken shard becomes an error row naming it and the rest is still
+read. ``iter_shard`` gives the rows; ``read_shard_batches`` the Arrow batches that
+the jobs' Ray Data reader (``pipeline.dataset.read_shards``, one Ray task per
+shard) yields as it goes, so memory stays bounded by Ray's streaming backpressure.
 
 Error kinds: ``missing image``, ``empty member``, ``corrupt image``, ``bad label``,
 ``missing mask``, ``corrupt mask``, ``duplicate member``, ``unreadable shard``
@@ -111,7 +111,7 @@ def expand_urls(spec: str | list[str], filesystem=None) -> list[str]:
 # ---------------------------------------------------------------- one sample -> one row
 
 
-def _size_pair(image_size) -> tuple[int, int]:
+def size_pair(image_size) -> tuple[int, int]:
     return (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
 
 
@@ -124,7 +124,7 @@ def _parse_label(data: bytes) -> int:
 
 def sample_to_row(key: str, source: str, members: dict, image_size, crop_pct: float = 1.0, with_mask: bool = False) -> dict:
     """Turn one sample's raw member bytes ({suffix: bytes}) into a row; never raises for bad data."""
-    h, w = _size_pair(image_size)
+    h, w = size_pair(image_size)
     row = {"key": key, "source": source, "image": None, "label": -1, "error": None}
     if with_mask:
         row["mask"] = None
@@ -177,7 +177,7 @@ def sample_to_row(key: str, source: str, members: dict, image_size, crop_pct: fl
 
 def shard_error_row(source: str, reason: str, image_size, with_mask: bool = False, key: str = "") -> dict:
     """A row reporting a shard-level failure (truncated or unreadable tar)."""
-    h, w = _size_pair(image_size)
+    h, w = size_pair(image_size)
     row = {"key": key, "source": source, "image": np.zeros((h, w, 3), np.uint8), "label": -1, "error": reason}
     if with_mask:
         row["mask"] = np.zeros((h, w), dtype=bool)
@@ -287,8 +287,8 @@ def _to_arrow(batch: dict):
     return pa.table(columns)
 
 
-def _read_shards_batch(batch, image_size, crop_pct, with_mask, filesystem, rows_per_batch, holdout_every, part):
-    """Ray map_batches function: a batch of shard URLs -> a stream of row batches."""
+def read_shard_batches(batch, image_size, crop_pct, with_mask, filesystem, rows_per_batch, holdout_every, part):
+    """A batch of shard URLs (column "url") -> a stream of Arrow row batches (a Ray Data map_batches function)."""
     rows = []
     for url in batch["url"]:
         for row in iter_shard(str(url), image_size, crop_pct, with_mask, filesystem, holdout_every, part):
@@ -298,47 +298,6 @@ def _read_shards_batch(batch, image_size, crop_pct, with_mask, filesystem, rows_
                 rows = []
     if rows:
         yield _to_arrow(rows_to_batch(rows, with_mask))
-
-
-def read_shards(
-    urls: str | list[str],
-    image_size,
-    crop_pct: float = 1.0,
-    with_mask: bool = False,
-    filesystem=None,
-    num_cpus: float = 1.0,
-    rows_per_batch: int = 256,
-    holdout_every: int = 0,
-    part: str = "all",
-):
-    """A streaming ``ray.data.Dataset`` of decoded rows (see the module docstring for columns).
-
-    ``holdout_every`` and ``part`` select one side of the train/holdout rule (``in_part``).
-
-    ``urls`` is anything ``expand_urls`` accepts. One Ray task reads one shard
-    (``num_cpus`` each; use a fraction on small machines so consumers are not
-    starved). ``filesystem`` is an fsspec filesystem (e.g. ``s3fs`` with a custom
-    endpoint); by default it is inferred from each URL.
-    """
-    import ray
-
-    shard_urls = expand_urls(urls, filesystem)
-    items = ray.data.from_items([{"url": u} for u in shard_urls], override_num_blocks=len(shard_urls))
-    return items.map_batches(
-        _read_shards_batch,
-        batch_size=1,
-        batch_format="numpy",
-        num_cpus=num_cpus,
-        fn_kwargs=dict(
-            image_size=_size_pair(image_size),
-            crop_pct=crop_pct,
-            with_mask=with_mask,
-            filesystem=filesystem,
-            rows_per_batch=rows_per_batch,
-            holdout_every=int(holdout_every),
-            part=part,
-        ),
-    )
 
 
 # ---------------------------------------------------------------- surfacing skipped samples

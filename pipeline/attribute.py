@@ -2,15 +2,15 @@
 
 Data flow (one streaming Ray Data pipeline over every unfinished shard)::
 
-    pipeline.data.read_shards (decode + preprocess, per-sample errors as rows)
+    pipeline.dataset.read_shards (decode + preprocess, per-sample errors as rows)
       -> map_batches(AttributionWorker, ActorPoolStrategy(size=N))   models loaded once per actor;
-         each actor writes its rows as part files of their shards (pipeline.results.write_parts)
+         each actor writes its rows as part files of their shards (l2r.results.write_parts)
       -> the driver reads the parts' one-line summaries, in input order (preserve_order)
       -> when a shard is complete, a task merges its parts into parquet/<shard>.parquet
-         (pipeline.results.merge_parts, atomic), then the driver writes done/<shard>.json
+         (l2r.results.merge_parts, atomic), then the driver writes done/<shard>.json
 
 No map, curve or row passes through the driver: it plans, tracks which shards are complete and
-writes the manifest and markers. The output layout is in ``pipeline.results``; the per-batch
+writes the manifest and markers. The output layout is in ``l2r.results``; the per-batch
 work in ``pipeline.attributor``; the configuration in ``pipeline.attribute_config``.
 
 Resumability: the driver consumes summaries in shard order, so when the first summary of shard
@@ -40,7 +40,7 @@ from pipeline.attribute_config import (EXPLAINER_METHOD, AttributeConfig, all_me
 from pipeline.attributor import AttributionWorker
 from pipeline.progress import Progress, quiet_ray_data
 from pipeline.ray_connect import init_ray
-from pipeline.results import (DONE_DIR, MANIFEST, MANIFEST_VERSION, PARQUET_DIR, Output, Stats,
+from l2r.results import (DONE_DIR, MANIFEST, MANIFEST_VERSION, PARQUET_DIR, Output, Stats,
                               merge_parts, output_names, read_results)
 
 
@@ -205,7 +205,8 @@ def run_attribution(config: AttributeConfig, log: Callable[[str], None] | None =
     """
     import ray
 
-    from pipeline.data import expand_urls, read_shards
+    from l2r.shard_reader import expand_urls
+    from pipeline.dataset import read_shards
 
     log = log or (lambda line: print(line, flush=True))
     started = time.time()

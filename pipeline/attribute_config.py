@@ -8,8 +8,7 @@ import os
 from dataclasses import dataclass, field
 
 from l2r.metrics import Protocol
-
-EXPLAINER_METHOD = "l2r"
+from l2r.results import EXPLAINER_METHOD  # noqa: F401  (the job's name for it)
 # bf16 autocasts the passes (softmax stays float32, l2r.classifier); the curves themselves are
 # accumulated in float32 either way.
 PRECISIONS = ("fp32", "bf16")

@@ -3,7 +3,7 @@
 ``Attributor`` loads the target (and explainer) once and turns a batch of decoded rows into one
 output row per (image, method): prediction, target class, the method's map, the exact
 deletion/insertion curves. ``AttributionWorker`` is what the job's actors run: an Attributor
-whose rows are written to the output by the actor itself (``pipeline.results.write_parts``), so
+whose rows are written to the output by the actor itself (``l2r.results.write_parts``), so
 that only a one-line summary per part goes back to the driver.
 
 Costs recorded per row: ``forward_passes`` / ``backward_passes`` (target passes per image
@@ -12,7 +12,7 @@ to produce the map; the evaluation's 2(K-2)+1 forwards are the same for every me
 ``eval_seconds`` is the per-image time of the exact curves.
 
 Evidence masks (``with_mask``): for shards whose samples carry a ``mask.png`` (the synthetic
-data of ``pipeline.shards``), each row also gets ``pointing_hit`` (the map's top pixel lies
+data of ``l2r.shards``), each row also gets ``pointing_hit`` (the map's top pixel lies
 inside the mask) and ``mask_auroc`` (AUROC of the map's scores for telling mask pixels from the
 rest, ties averaged), both from ``l2r.metrics`` on the method's raw map. Both are null without
 the option, for error rows, and where undefined (an empty mask; for ``mask_auroc`` also a mask
@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from l2r.metrics import Protocol
 from pipeline.attribute_config import EXPLAINER_METHOD
-from pipeline.results import SCHEMA, Output, write_parts
+from l2r.results import SCHEMA, Output, write_parts
 
 
 class Attributor:
@@ -284,7 +284,7 @@ class Attributor:
 
 class AttributionWorker:
     """The actor class given to ``map_batches``: one ``Attributor`` per actor, which writes its
-    rows to the output itself and returns their summaries (``pipeline.results.PART_SUMMARY``)."""
+    rows to the output itself and returns their summaries (``l2r.results.PART_SUMMARY``)."""
 
     def __init__(self, settings: dict):
         import torch

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline import train
 from pipeline.attribute import AttributeConfig, run_attribution
-from pipeline.report import ReportConfig, write_report
+from l2r.reporting.report import ReportConfig, write_report
 
 CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo.yaml"
 METHODS = ("l2r", "gradcam", "saliency", "random", "gaussian")

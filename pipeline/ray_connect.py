@@ -63,5 +63,16 @@ def init_ray(address: str | None = None, *, num_cpus: float | None = None, num_g
         ray.init(address=address, **kwargs)
         return True
     resources = {k: v for k, v in (("num_cpus", num_cpus), ("num_gpus", num_gpus)) if v is not None}
+    _checkout_on_workers_path()
     ray.init(address="local", **resources, **kwargs)
     return False
+
+
+def _checkout_on_workers_path() -> None:
+    """The jobs' own code (`pipeline`) is not installed: the workers of a local Ray import it from this
+    checkout, whatever the current directory (Ray adds only the driver's directory; the workers
+    inherit the driver's environment). A joined cluster gets it from `ray job submit --working-dir`."""
+    root = str(Path(__file__).resolve().parents[1])
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if root not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])

@@ -162,7 +162,7 @@ def load_val_images(urls: list[str], dcfg: dict, count: int, part: str = "all",
                     options: dict | None = None) -> torch.Tensor:
     """The first `count` good rows of the val shards (`part` of the holdout rule), read without Ray, as
     float (N,3,H,W)."""
-    from pipeline.data import iter_shard
+    from l2r.shard_reader import iter_shard
 
     rows = []
     for url in urls:
@@ -422,7 +422,7 @@ def write_artifact(explainer, record: TargetRecord, config: dict, step: int) -> 
 
 def data_identity(urls: list[str], dcfg: dict | None = None, options: dict | None = None) -> dict:
     """The training data's identity: its shard URLs, a hash of (URL, size) lines, and the split rule
-    and augmentation (the held-out samples are those of `pipeline.data.in_part`)."""
+    and augmentation (the held-out samples are those of `l2r.shard_reader.in_part`)."""
     digest = hashlib.sha256()
     for url in urls:
         fs, path, _ = l2r_storage.resolve(url, options)
@@ -438,8 +438,8 @@ def data_identity(urls: list[str], dcfg: dict | None = None, options: dict | Non
 
 def prepare_synthetic(config: dict) -> tuple[str, str]:
     """Demo data: synthetic train/val shards written once into <run_dir>/data (reused on rerun)."""
-    from pipeline.data import expand_urls
-    from pipeline.shards import make_shards
+    from l2r.shard_reader import expand_urls
+    from l2r.shards import make_shards
 
     scfg = config["data"]["synthetic"]
     out = f"{config['run_dir']}/data"
@@ -462,7 +462,7 @@ def fit_target(config: dict, urls: list[str]) -> str:
     A target that already has a checkpoint is never touched. The file is <run_dir>/target.pt,
     reused on a rerun, so the artifact's target checksum stays the same.
     """
-    from pipeline.data import iter_shard
+    from l2r.shard_reader import iter_shard
 
     tcfg, dcfg = config["target"], config["data"]
     destination = f"{config['run_dir']}/target.pt"
@@ -616,7 +616,8 @@ def run(config: dict, verbose: bool = True, ray_logs: bool = False, show_config:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline.data import expand_urls, read_shards
+    from l2r.shard_reader import expand_urls
+    from pipeline.dataset import read_shards
 
     config = dict(config)
     if verbose and show_config:

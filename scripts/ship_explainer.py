@@ -1,14 +1,15 @@
-"""Keep a training run's explainer in the repository (explainers/<name>), loadable by name.
+"""Keep a training run's explainer in the package (l2r/explainers/<name>), loadable by name.
 
     python scripts/ship_explainer.py ~/l2r_runs/cifar10 cifar10-resnet20
     python scripts/ship_explainer.py ~/l2r_runs/cifar10-vit cifar10-vit --with-target-weights
-    python scripts/ship_explainer.py runs/cifar10-vit cifar10-vit --target-weights explainers/cifar10-vit/target.safetensors
+    python scripts/ship_explainer.py runs/cifar10-vit cifar10-vit --target-weights l2r/explainers/cifar10-vit/target.safetensors
 
 Copies the artifact (model.safetensors, explainer.json) with the run's config.yaml and
 metrics.jsonl (a fine-tuned run, `train.init_from`, also keeps its start's two, prefixed
-`init_from-`). The recorded target checkpoint and import paths become relative to the new
-folder (l2r.artifact resolves relative paths there), so the explainer works from any checkout
-that has the shared folder beside it; `--with-target-weights` copies the target's weights into
+`init_from-`). The recorded target checkpoint, model file and import paths become relative to the
+new folder (l2r.artifact resolves relative paths there; the checkout itself is dropped from the
+import paths, the project's own models being in `l2r.zoo`), so the explainer works from any
+checkout or install that has the shared folder beside it (or is given the target's files); `--with-target-weights` copies the target's weights into
 the folder instead (for small targets trained by the project, such as the CIFAR-10 ViT). The
 weights' sha256 stays recorded, so a different file at that path is refused, never explained.
 """
@@ -19,9 +20,13 @@ import argparse
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from l2r.artifact import SHIPPED  # noqa: E402
 
 
 def ship(run_dir: Path, name: str, with_target_weights: bool = False, target_weights: Path | None = None) -> Path:
@@ -31,7 +36,7 @@ def ship(run_dir: Path, name: str, with_target_weights: bool = False, target_wei
     for needed in (artifact / "explainer.json", artifact / "model.safetensors", run_dir / "metrics.jsonl"):
         if not needed.is_file():
             raise FileNotFoundError(f"{needed}: not a finished training run")
-    folder = ROOT / "explainers" / name
+    folder = SHIPPED / name
     document = json.loads((artifact / "explainer.json").read_text())
     metadata = document["metadata"]
     history = started_history(metadata.get("init_from"))  # read first: it may be this very folder
@@ -46,8 +51,13 @@ def ship(run_dir: Path, name: str, with_target_weights: bool = False, target_wei
             metadata["target"]["checkpoint"] = copied.name
         else:
             metadata["target"]["checkpoint"] = os.path.relpath(checkpoint, folder)
+    model_file, _, attr = metadata["target"]["spec"].rpartition(":")
+    if model_file.endswith(".py") and "://" not in model_file:  # a user's model file, as the checkpoint
+        metadata["target"]["spec"] = f"{os.path.relpath(model_file, folder)}:{attr}"
+        document.get("target", {})["spec"] = metadata["target"]["spec"]
+    # The project's own models import from the package (l2r.zoo): the checkout is no import path.
     metadata["import_paths"] = [os.path.relpath(p, folder) if "://" not in p else p
-                                for p in metadata.get("import_paths", [])]
+                                for p in metadata.get("import_paths", []) if Path(p).resolve() != ROOT]
     (folder / "explainer.json").write_text(json.dumps(document, indent=2) + "\n")
     shutil.copyfile(artifact / "model.safetensors", folder / "model.safetensors")
     for extra in ("config.yaml", "metrics.jsonl"):
@@ -83,7 +93,7 @@ def started_history(init_from: dict | None) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path, help="the training run's folder (<storage>/<name>)")
-    p.add_argument("name", help="the shipped name (explainers/<name>)")
+    p.add_argument("name", help="the shipped name (l2r/explainers/<name>)")
     p.add_argument("--with-target-weights", action="store_true", help="copy the target's weights into the folder")
     p.add_argument("--target-weights", type=Path, help="copy this file in as the target's weights (a run trained "
                    "elsewhere, e.g. by benchmarks/gpu_train.sh: l2r.load checks it against the recorded hash)")

@@ -14,7 +14,7 @@ from l2r.explainer import build_explainer
 from l2r.target_record import TargetMismatchError, TargetRecord, fetch
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = "benchmarks.resnet20:ResNetCifar"
+SPEC = "l2r.zoo.resnet20:ResNetCifar"
 KWARGS = {"blocks_per_stage": 1, "num_classes": 10}
 
 
@@ -174,6 +174,7 @@ def test_a_shipped_folder_records_paths_relative_to_itself(tmp_path, monkeypatch
     (run_dir / "metrics.jsonl").write_text('{"step": 0}\n')
     (run_dir / "config.yaml").write_text("name: demo\n")
     monkeypatch.setattr(ship_explainer, "ROOT", tmp_path / "repo")
+    monkeypatch.setattr(ship_explainer, "SHIPPED", tmp_path / "repo" / "l2r" / "explainers")
     for copy in (False, True):
         name = f"demo-{copy}"
         folder = ship_explainer.ship(run_dir, name, with_target_weights=copy)
@@ -230,7 +231,7 @@ def test_shipped_vit_explainer_loads_by_name_with_its_own_target():
     """`cifar10-vit` ships the small ViT it explains (benchmarks/train_vit.py): the name alone is enough."""
     explainer = l2r.load("cifar10-vit")
     assert explainer.record.spec == "timm:vit_tiny_patch16_224" and explainer.record.num_classes == 10
-    assert Path(explainer.record.checkpoint).parent == ROOT / "explainers" / "cifar10-vit"
+    assert Path(explainer.record.checkpoint).parent == ROOT / "l2r" / "explainers" / "cifar10-vit"
     assert explainer.record.weights_sha256 == explainer.metadata["target"]["weights_sha256"]
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     maps = explainer.explain(images)

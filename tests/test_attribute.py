@@ -16,9 +16,9 @@ from l2r.images import decode_heatmap, to_tensor
 from l2r.metrics import deletion_insertion
 from pipeline import attribute as att
 from pipeline.attributor import Attributor
-from pipeline.results import SCHEMA
-from pipeline.data import iter_shard
-from pipeline.shards import make_shards
+from l2r.results import SCHEMA
+from l2r.shard_reader import iter_shard
+from l2r.shards import make_shards
 from tests.helpers import png_bytes, write_tar
 from tests.conftest_ray import ray_local  # noqa: F401  (session-scoped Ray fixture)
 
@@ -362,7 +362,7 @@ def test_the_fast_path_keeps_the_eager_fp32_aucs(shared_cifar10):
     batch["label"] = np.array([r["label"] for r in rows])
     settings = {"device": "cpu", "threads": 1, "methods": ["gradcam", "saliency"], "method_options": {},
                 "protocol": {"steps": 21, "reference": "black", "target": "prediction"}, "forward_batch": 128,
-                "target": {"spec": "benchmarks.resnet20:resnet20", "checkpoint": str(RESNET20),
+                "target": {"spec": "l2r.zoo.resnet20:resnet20", "checkpoint": str(RESNET20),
                            "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "input_size": (32, 32)}}
     eager = Attributor({**settings, "fast_path": "eager"})(batch).to_pylist()
     fast = Attributor({**settings, "fast_path": "channels_last"})(batch).to_pylist()

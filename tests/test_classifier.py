@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from benchmarks.resnet20 import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, resnet20
+from l2r.zoo.resnet20 import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, resnet20
 from l2r.classifier import (CheckpointMismatchError, TargetModel, build_target, load_checkpoint, sha256_file,
                             weights_sha256)
 
@@ -19,7 +19,7 @@ SHARED = REPO.parent / "shared"
 RESNET20_CHECKPOINT = SHARED / "models" / "resnet20-12fca82f.th"
 RESNET20_SHA256 = "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8"
 CIFAR10_TEST_SHARD = SHARED / "data" / "cifar10" / "test-0000.tar"
-USER_SPEC = "benchmarks.resnet20:resnet20"
+USER_SPEC = "l2r.zoo.resnet20:resnet20"
 
 
 @pytest.fixture(autouse=True)
@@ -132,7 +132,7 @@ def test_bad_specs_fail_clearly():
     with pytest.raises(ModuleNotFoundError, match="no_such_package"):
         build_target("no_such_package.models:net", input_size=(32, 32))
     with pytest.raises(AttributeError, match="resnet99"):
-        build_target("benchmarks.resnet20:resnet99", input_size=(32, 32))
+        build_target("l2r.zoo.resnet20:resnet99", input_size=(32, 32))
     with pytest.raises(ValueError, match="package.module:callable"):
         build_target("resnet20", input_size=(32, 32))
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import data
+from l2r import shard_reader as data
+from pipeline.dataset import read_shards
 from tests.helpers import png_bytes, write_tar
 from tests.conftest_ray import ray_local  # noqa: F401  (session-scoped Ray fixture)
 
@@ -114,7 +115,7 @@ def test_holdout_rule_splits_every_shard_one_in_n_by_position(shard_dir, tmp_pat
 
 
 def test_read_shards_with_ray(ray_local, bad_shards):
-    ds = data.read_shards(f"{bad_shards}/{{mixed,truncated}}.tar", 8, num_cpus=0.5, rows_per_batch=4)
+    ds = read_shards(f"{bad_shards}/{{mixed,truncated}}.tar", 8, num_cpus=0.5, rows_per_batch=4)
     rows = ds.take_all()
     check_bad_rows(rows)
     assert str(ds.schema().types[ds.schema().names.index("error")]) == "string"
@@ -127,7 +128,7 @@ def test_masks_follow_images(ray_local, tmp_path):
     buffer = io.BytesIO()
     Image.fromarray(mask).save(buffer, format="PNG")
     write_tar(tmp_path / "m.tar", [("a", {"png": png_bytes(0), "mask.png": buffer.getvalue(), "cls": b"2"}), ("b", {"png": png_bytes(1)})])
-    rows = {r["key"]: r for r in data.read_shards(str(tmp_path / "m.tar"), (10, 12), with_mask=True, num_cpus=0.5).take_all()}
+    rows = {r["key"]: r for r in read_shards(str(tmp_path / "m.tar"), (10, 12), with_mask=True, num_cpus=0.5).take_all()}
     assert rows["a"]["mask"].dtype == bool and rows["a"]["mask"].sum() == 18 and rows["a"]["label"] == 2
     assert rows["b"]["error"].startswith("missing mask")
 
@@ -151,10 +152,10 @@ def test_s3_urls(ray_local, s3, tmp_path):
     assert data.expand_urls("s3://shards/train", filesystem=s3) == expected
     with pytest.raises(FileNotFoundError, match="s3://shards/none"):
         data.expand_urls("s3://shards/none/*.tar", filesystem=s3)
-    rows = data.read_shards("s3://shards/train/x-{0..2}.tar", 8, filesystem=s3, num_cpus=0.5).take_all()
+    rows = read_shards("s3://shards/train/x-{0..2}.tar", 8, filesystem=s3, num_cpus=0.5).take_all()
     assert sorted(r["key"] for r in rows) == sorted(f"k{s}_{i:03d}" for s in range(3) for i in range(3))
     assert {r["source"] for r in rows} == set(expected) and all(r["error"] is None for r in rows)
-    held = data.read_shards("s3://shards/train/x-{0..2}.tar", 8, filesystem=s3, num_cpus=0.5,
+    held = read_shards("s3://shards/train/x-{0..2}.tar", 8, filesystem=s3, num_cpus=0.5,
                             holdout_every=3, part="holdout").take_all()
     assert sorted(r["key"] for r in held) == [f"k{s}_002" for s in range(3)]  # the split holds through Ray, per shard
 

@@ -6,7 +6,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from benchmarks.resnet20 import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
+from l2r.zoo.resnet20 import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
 from l2r.classifier import CheckpointMismatchError, build_target
 from l2r.explainer import Explainer, build_explainer, load_explainer, save_explainer
 
@@ -36,7 +36,7 @@ def target():
     # Random weights suffice here; the shared checkpoint is tested in test_classifier.
     torch.manual_seed(0)
     return build_target(
-        "benchmarks.resnet20:resnet20",
+        "l2r.zoo.resnet20:resnet20",
         mean=CIFAR10_MEAN,
         std=CIFAR10_STD,
         input_size=(32, 32),

@@ -21,7 +21,7 @@ from l2r.explainer import build_explainer
 from l2r.images import to_tensor
 from l2r.metrics import deletion_insertion
 from l2r.objective import ObjectiveConfig, objective_backward
-from pipeline.data import iter_shard
+from l2r.shard_reader import iter_shard
 from tests.conftest import RESNET20
 
 pytestmark = pytest.mark.slow
@@ -40,7 +40,7 @@ def centred_gaussian(n, size=32, sigma=8.0):
 
 def test_trained_explainer_beats_random_and_gaussian_maps(shared_cifar10):
     torch.manual_seed(0)
-    target = build_target("benchmarks.resnet20:resnet20", checkpoint=str(RESNET20), input_size=(32, 32))
+    target = build_target("l2r.zoo.resnet20:resnet20", checkpoint=str(RESNET20), input_size=(32, 32))
     x_train, y_train = load(shared_cifar10 / "train-0000.tar", 256)
     x_val, _ = load(shared_cifar10 / "train-0001.tar", 64)  # not trained on, not tested on
     x_test, _ = load(shared_cifar10 / "test-0000.tar", 64)

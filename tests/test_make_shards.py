@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from jobs.make_shards import main as make_shards_cli
-from pipeline import data, shards
+from l2r import shard_reader as data, shards
+from pipeline.dataset import read_shards
 from tests.conftest_ray import ray_local  # noqa: F401
 from tests.test_data import s3  # noqa: F401  (moto S3 fixture)
 
@@ -41,7 +42,7 @@ def test_folder_round_trip_through_ray(ray_local, image_folder, tmp_path):
     urls = shards.make_shards(str(out), folder=str(image_folder), max_count=4, seed=1, progress=False)
     assert [Path(u).name for u in urls] == ["train-0000.tar", "train-0001.tar", "train-0002.tar"]
     assert json.loads((out / "classes.json").read_text()) == {"0": "cat", "1": "dog"}
-    rows = data.read_shards(str(out), 6, num_cpus=0.5).take_all()
+    rows = read_shards(str(out), 6, num_cpus=0.5).take_all()
     keys = sorted(r["key"] for r in rows)
     assert len(keys) == len(set(keys)) == 10  # every image exactly once
     assert all(r["error"] is None for r in rows)

@@ -19,7 +19,7 @@ from l2r.target_record import TargetMismatchError
 from pipeline import attribute as att
 from pipeline import config as C
 from pipeline import train as T
-from pipeline.shards import make_shards
+from l2r.shards import make_shards
 from tests.conftest import SHARED
 from tests.conftest_ray import ray_local  # noqa: F401
 
@@ -109,7 +109,7 @@ def timm_weights(tmp_path_factory):
 
 
 def source_probs(timm_weights, rows):
-    from pipeline.data import iter_shard
+    from l2r.shard_reader import iter_shard
     from l2r.images import to_tensor
 
     images = {r["key"]: r["image"] for url in timm_weights["shards"] for r in iter_shard(url, SIZE)}
@@ -181,7 +181,7 @@ def test_job_refuses_an_explainer_trained_for_another_target(ray_local, timm_wei
     assert manifest["identity"]["allow_target_mismatch"] is True
 
 
-SHIPPED_MOBILENET = Path(__file__).resolve().parents[1] / "explainers" / "imagenet-sample-mobilenet"
+SHIPPED_MOBILENET = Path(__file__).resolve().parents[1] / "l2r" / "explainers" / "imagenet-sample-mobilenet"
 
 
 def test_shipped_mobilenet_explainer_ranks_held_back_photos_better_than_chance():
@@ -189,7 +189,7 @@ def test_shipped_mobilenet_explainer_ranks_held_back_photos_better_than_chance()
     photos its training held back (data.holdout_every 5): insertion - deletion well above a random map's."""
     if not IMAGENET.is_file() or not (MODELS / "mobilenet_v1_0.5_160.pth").is_file():
         pytest.skip(f"shared ImageNet sample or MobileNetV1 not found under {SHARED}")
-    from pipeline.data import iter_shard
+    from l2r.shard_reader import iter_shard
 
     fields = {k: v for k, v in MOBILENET.items() if k != "target"}
     explainer = l2r.load(SHIPPED_MOBILENET, spec=MOBILENET["target"], **fields)
@@ -209,7 +209,7 @@ def test_shipped_cifar10_explainer_by_name_beats_the_controls_under_impute(share
     """`cifar10-resnet20`, loaded by name with the shared ResNet-20, on test images outside its
     validation set (test-0001): under the impute reference its maps beat both controls on
     insertion - deletion, on every image's mean."""
-    from pipeline.data import iter_shard
+    from l2r.shard_reader import iter_shard
     from tests.conftest import RESNET20
 
     explainer = l2r.load("cifar10-resnet20", checkpoint=str(RESNET20))

@@ -9,7 +9,7 @@ from l2r.classifier import build_target
 from l2r.images import to_tensor
 from l2r.metrics import deletion_insertion
 from l2r.refine import rank_uniform, refine
-from pipeline.data import iter_shard
+from l2r.shard_reader import iter_shard
 from tests.conftest import RESNET20
 from tests.helpers import LinearTwoClass
 from tests.test_learning import centred_gaussian
@@ -39,7 +39,7 @@ def test_refinement_reports_its_cost_and_moves_towards_the_linear_optimum():
 
 @pytest.mark.slow
 def test_refinement_improves_both_exact_aucs_on_held_out_images(shared_cifar10):
-    target = build_target("benchmarks.resnet20:resnet20", checkpoint=str(RESNET20), input_size=(32, 32))
+    target = build_target("l2r.zoo.resnet20:resnet20", checkpoint=str(RESNET20), input_size=(32, 32))
     rows = list(itertools.islice(iter_shard(str(shared_cifar10 / "test-0001.tar"), (32, 32)), 16))
     x = to_tensor(np.stack([r["image"] for r in rows]))
     pred = target(x).argmax(1)

@@ -19,12 +19,12 @@ from PIL import Image
 from l2r.classifier import build_target
 from l2r.explainer import build_explainer, save_explainer
 from pipeline import attribute as att
-from pipeline import report as rep
-from pipeline import report_stats
+from l2r.reporting import report as rep
+from l2r.reporting import stats as report_stats
 from pipeline.attributor import Attributor
-from pipeline.results import SCHEMA, Output, merge_parts, write_parts
-from pipeline.data import iter_shard
-from pipeline.shards import make_shards
+from l2r.results import SCHEMA, Output, merge_parts, write_parts
+from l2r.shard_reader import iter_shard
+from l2r.shards import make_shards
 
 SIZE = 16
 SPEC = "timm:test_resnet"
@@ -214,8 +214,8 @@ def test_report_config_validation(tmp_path):
 
 
 def test_summary_png_shows_every_method_curve_and_the_gallery(results, report):
-    from pipeline.report_images import PALETTE
-    from pipeline.report_png import CHART, TILE
+    from l2r.reporting.images import PALETTE
+    from l2r.reporting.png import CHART, TILE
 
     data = Path(report["files"]["summary.png"]).read_bytes()
     assert data == report["png"]
@@ -245,7 +245,7 @@ def test_controls_are_flagged_in_parquet_manifest_and_report(results, tmp_path):
 
     import pyarrow.parquet as pq
 
-    from pipeline.results import CONTROLS_KEY
+    from l2r.results import CONTROLS_KEY
 
     # The job's Parquet says which methods are controls.
     files = sorted((results / "parquet").glob("*.parquet"))

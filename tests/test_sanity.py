@@ -9,11 +9,11 @@ from l2r.images import to_tensor
 from l2r.methods import attribute
 from l2r.sanity import cascade, parameter_layers, randomised_copy, spearman
 from pipeline.attributor import Attributor
-from pipeline.data import iter_shard
-from pipeline.report_stats import markdown_table, summarize
+from l2r.shard_reader import iter_shard
+from l2r.reporting.stats import markdown_table, summarize
 from tests.conftest import RESNET20
 
-TARGET = {"spec": "benchmarks.resnet20:resnet20", "checkpoint": str(RESNET20),
+TARGET = {"spec": "l2r.zoo.resnet20:resnet20", "checkpoint": str(RESNET20),
           "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "input_size": (32, 32)}
 
 

@@ -18,7 +18,7 @@ import torch
 
 from l2r.artifact import load_artifact
 from pipeline import config as C
-from pipeline.data import expand_urls, iter_shard
+from l2r.shard_reader import expand_urls, iter_shard
 from pipeline import train as T
 from tests.ray_nodes import RAY, RayNode
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.resnet20 import ResNetCifar
-from pipeline.shards import make_shards
+from l2r.zoo.resnet20 import ResNetCifar
+from l2r.shards import make_shards
 from tests.ray_nodes import RayNode, ray_env, wait_for_nodes
 
 ROOT = Path(__file__).resolve().parents[1]

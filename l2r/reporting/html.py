@@ -7,8 +7,8 @@ import html
 
 import numpy as np
 
-from pipeline.report_images import PALETTE
-from pipeline.report_stats import SANITY_NOTE, fmt, sanity_rows, table_rows, weights_line
+from l2r.reporting.images import PALETTE
+from l2r.reporting.stats import SANITY_NOTE, fmt, sanity_rows, table_rows, weights_line
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px;

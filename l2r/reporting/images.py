@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 
 from l2r import storage
-from pipeline.attribute_config import EXPLAINER_METHOD
-from pipeline.report_stats import sorted_rows, valid_rows
+from l2r.results import EXPLAINER_METHOD
+from l2r.reporting.stats import sorted_rows, valid_rows
 
 # One colour per method, in the report's method order (curves, legends).
 PALETTE = ("#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
@@ -50,7 +50,7 @@ def png_data_uri(array: np.ndarray) -> str:
 def load_images(wanted: list[tuple[str, str]], image_size, crop_pct: float, with_mask: bool,
                 storage_options: dict | None = None) -> dict:
     """``{(source, key): {"image", "mask"} or {"error"}}``: re-read and preprocessed like the job."""
-    from pipeline.data import iter_shard
+    from l2r.shard_reader import iter_shard
 
     found: dict = {}
     by_source: dict[str, set] = {}

@@ -11,8 +11,8 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.report_images import PALETTE
-from pipeline.report_stats import fmt
+from l2r.reporting.images import PALETTE
+from l2r.reporting.stats import fmt
 
 WIDTH = 1200
 CHART = (560, 300)
@@ -84,7 +84,7 @@ def _chosen(entries: list[dict]) -> list[dict]:
 
 
 def render_png(report: dict, gallery_data: dict) -> bytes:
-    """The summary page as PNG bytes (`report` as built by `pipeline.report.build_report`)."""
+    """The summary page as PNG bytes (`report` as built by `l2r.reporting.report.build_report`)."""
     methods = report["methods"]
     names = list(methods)
     colours = {m: _rgb(PALETTE[i % len(PALETTE)]) for i, m in enumerate(names)}

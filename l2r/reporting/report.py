@@ -1,17 +1,17 @@
 """The comparison report of an attribution output: summary tables, bootstrap intervals, an HTML page.
 
-    results folder of pipeline.attribute (local or fsspec URL)
+    results folder of the attribution job (pipeline.attribute) (local or fsspec URL)
       -> read_results + manifest.json
       -> summarize(): per method n, errors, mean deletion / insertion AUC, their difference
          (insertion - deletion), percentile bootstrap intervals over images, cost per image,
          and pointing game accuracy / mean mask AUROC where the rows have them
       -> <output>/summary.md     the Markdown table (also printed by jobs/report.py)
          <output>/summary.json   everything above, plus per-class statistics and mean curves
-         <output>/report.html    one self-contained page (pipeline.report_html): inline CSS,
+         <output>/report.html    one self-contained page (l2r.reporting.html): inline CSS,
                                  curves as inline SVG, images as PNG data URIs; nothing is fetched
-         <output>/summary.png    the same on one picture (pipeline.report_png): mean curves and a
+         <output>/summary.png    the same on one picture (l2r.reporting.png): mean curves and a
                                  small gallery, for a remote machine or a notebook
-   Statistics and tables: pipeline.report_stats; colours, overlays, gallery: pipeline.report_images.
+   Statistics and tables: l2r.reporting.stats; colours, overlays, gallery: l2r.reporting.images.
 
 Definitions:
 - A method's rows with an error are counted in ``errors`` and left out of every mean.
@@ -39,11 +39,11 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from l2r import storage
-from pipeline.results import MANIFEST, read_results
-from pipeline.report_html import render_html
-from pipeline.report_images import gallery
-from pipeline.report_png import render_png
-from pipeline.report_stats import control_findings, markdown_table, mean_curves, method_order, per_class, summarize
+from l2r.results import MANIFEST, read_results
+from l2r.reporting.html import render_html
+from l2r.reporting.images import gallery
+from l2r.reporting.png import render_png
+from l2r.reporting.stats import control_findings, markdown_table, mean_curves, method_order, per_class, summarize
 
 SUMMARY_MD = "summary.md"
 SUMMARY_JSON = "summary.json"

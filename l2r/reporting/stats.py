@@ -1,6 +1,6 @@
 """The report's statistics and tables: per-method means with paired bootstrap intervals, per class,
 mean curves, and the summary table (one header and one set of cells for Markdown and HTML alike).
-Definitions are in `pipeline.report`'s docstring."""
+Definitions are in `l2r.reporting.report`'s docstring."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
-"""ResNet-20 for CIFAR-10 (He et al. 2016, section 4.2), written as a user's own model would be.
+"""ResNet-20 for CIFAR-10 (He et al. 2016, section 4.2), written as a user's own model would be;
+shipped in the package for the demo and the `cifar10-resnet20` explainer.
 
 Matches the parameter names of the shared checkpoint `resnet20-12fca82f.th`; load it with
 
-    build_target("benchmarks.resnet20:resnet20", checkpoint=".../resnet20-12fca82f.th",
+    build_target("l2r.zoo.resnet20:resnet20", checkpoint=".../resnet20-12fca82f.th",
                  mean=CIFAR10_MEAN, std=CIFAR10_STD, input_size=(32, 32), class_names=CIFAR10_CLASSES)
 """
 
