@@ -46,7 +46,8 @@ def main(argv=None):
     from l2r.images import to_tensor
     from pipeline.config import load_config
     from l2r.shard_reader import expand_urls, iter_shard
-    from pipeline.train import make_target, training_read_size
+    from pipeline.train_data import training_read_size
+    from pipeline.train_target import make_target
 
     if args.threads:
         torch.set_num_threads(args.threads)

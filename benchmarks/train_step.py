@@ -143,7 +143,8 @@ def plain_child(args) -> None:
 
     from l2r.images import to_tensor
     from l2r.shard_reader import expand_urls, iter_shard
-    from pipeline.train import make_optimizer, prepare_synthetic, train_step
+    from l2r.training import make_optimizer, train_step
+    from pipeline.demo_inputs import prepare_synthetic
 
     os.nice(int(os.environ.get("RAY_worker_niceness", 15)))
     torch.set_num_threads(args.threads)
@@ -171,12 +172,11 @@ def steady_step_s(step_times: list[float], window: int) -> float:
 
 
 def overhead_benchmark(args) -> dict:
+    from pipeline.demo_inputs import prepare_synthetic
     from pipeline.train import run
 
-    from pipeline.train import prepare_synthetic
-
     storage = tempfile.mkdtemp(prefix="l2r_bench_")
-    os.chdir(ROOT)  # the target spec imports l2r.zoo.resnet20 from here
+    os.chdir(ROOT)
     # One set of synthetic shards (the plain loop's) for every run, written once.
     shards = prepare_synthetic(overhead_config(args, storage, "plain"))
     rounds = []

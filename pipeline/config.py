@@ -208,6 +208,11 @@ def load_config(path: str | os.PathLike | None = None, sets: list[str] = (), fla
     return config
 
 
+def storage_options(config: dict) -> dict | None:
+    """fsspec options for every URL of the run (run.storage_options)."""
+    return config["run"].get("storage_options")
+
+
 REDACTED = "<given; not recorded>"
 
 

@@ -18,7 +18,7 @@ from l2r.images import decode_heatmap
 from l2r.target_record import TargetMismatchError
 from pipeline import attribute as att
 from pipeline import config as C
-from pipeline import train as T
+from pipeline.train_target import make_target
 from l2r.shards import make_shards
 from tests.conftest import SHARED
 from tests.conftest_ray import ray_local  # noqa: F401
@@ -149,7 +149,7 @@ def test_timm_checkpoint_file_explains_the_source_model(ray_local, s3_server, ti
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", options["secret"])
         monkeypatch.setenv("AWS_ENDPOINT_URL", options["client_kwargs"]["endpoint_url"])
         monkeypatch.setenv("L2R_CACHE", str(tmp_path / "train-cache"))
-    target, record = T.make_target(cfg)
+    target, record = make_target(cfg)
     assert record.weights_sha256 == timm_weights["source"].weights_sha256
     x = torch.rand(2, 3, SIZE, SIZE)
     assert torch.equal(target(x), timm_weights["source"](x))

@@ -1,4 +1,4 @@
-"""Distributed training (pipeline/train.py, jobs/train.py): schedule, config, Ray Train runs, `ray job submit`.
+"""Distributed training (l2r/training.py, pipeline/train*.py, jobs/train.py): schedule, config, Ray Train runs, `ray job submit`.
 
 The Ray runs share one tiny setup (16 px synthetic shards and a ResNet-8 target fitted once,
 in-process), so each run is a few seconds of compute; most of their time is Ray start-up.
@@ -19,6 +19,9 @@ import torch
 from l2r.artifact import load_artifact
 from pipeline import config as C
 from l2r.shard_reader import expand_urls, iter_shard
+from l2r import training
+from l2r.objective import ObjectiveConfig
+from pipeline import demo_inputs, train_artifact, train_data
 from pipeline import train as T
 from tests.ray_nodes import RAY, RayNode
 
@@ -49,13 +52,13 @@ TINY = [
 
 def test_lr_schedule_warmup_and_cosine():
     total = 1000
-    assert T.lr_factor(0, total) == pytest.approx(1 / 25)
-    assert T.lr_factor(60, total) == pytest.approx(1.0)  # warm-up is 6 % of the steps
-    assert T.lr_factor(30, total) == pytest.approx(1 / 25 + (1 - 1 / 25) * 0.5)
-    assert T.lr_factor(total, total) == pytest.approx(1 / 25 / 1e4)
+    assert training.lr_factor(0, total) == pytest.approx(1 / 25)
+    assert training.lr_factor(60, total) == pytest.approx(1.0)  # warm-up is 6 % of the steps
+    assert training.lr_factor(30, total) == pytest.approx(1 / 25 + (1 - 1 / 25) * 0.5)
+    assert training.lr_factor(total, total) == pytest.approx(1 / 25 / 1e4)
     mid = 60 + (total - 60) / 2
-    assert T.lr_factor(mid, total) == pytest.approx((1 + 1 / 25 / 1e4) / 2, rel=1e-3)
-    values = [T.lr_factor(s, total) for s in range(60, total + 1)]
+    assert training.lr_factor(mid, total) == pytest.approx((1 + 1 / 25 / 1e4) / 2, rel=1e-3)
+    values = [training.lr_factor(s, total) for s in range(60, total + 1)]
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
@@ -96,16 +99,16 @@ def test_training_columns_drop_errors_and_ids_are_stable():
         "label": np.array([1, -1, 2]),
         "error": np.array([None, "corrupt image: x", None], dtype=object),
     }
-    out = T.to_training_columns(batch)
+    out = train_data.to_training_columns(batch)
     assert out["image"].shape[0] == 2 and out["label"].tolist() == [1, 2]
-    assert out["sample_id"].tolist() == T.sample_ids(["a", "c"], ["s0.tar", "s1.tar"]).tolist()
-    assert len(set(T.sample_ids(["a", "a"], ["s0.tar", "s1.tar"]).tolist())) == 2  # keys repeat across shards
+    assert out["sample_id"].tolist() == train_data.sample_ids(["a", "c"], ["s0.tar", "s1.tar"]).tolist()
+    assert len(set(train_data.sample_ids(["a", "a"], ["s0.tar", "s1.tar"]).tolist())) == 2  # keys repeat across shards
 
 
 @pytest.mark.parametrize("name", ["demo", "cifar10", "cifar10-vit", "imagenet-paper", "imagenet-sample-mobilenet"])
 def test_shipped_configs_resolve(name):
     cfg = C.load_config(ROOT / "jobs" / "configs" / f"{name}.yaml")
-    T.ObjectiveConfig(**cfg["objective"])
+    ObjectiveConfig(**cfg["objective"])
     assert cfg["name"] == name and cfg["target"]["spec"]
     if name == "imagenet-paper":
         assert cfg["data"]["train"].startswith("s3://YOUR-BUCKET/")
@@ -114,7 +117,7 @@ def test_shipped_configs_resolve(name):
         file, _, callable_name = cfg["target"]["spec"].rpartition(":")
         assert Path(file).is_absolute() and callable_name == "MobileNetV1"
         assert cfg["data"]["holdout_every"] == 5 and cfg["target"]["background_logit"]
-        assert T.training_read_size(cfg["data"]) == ((183, 183), 1.0)
+        assert train_data.training_read_size(cfg["data"]) == ((183, 183), 1.0)
     if name == "cifar10-vit":  # the kwargs must be the ones benchmarks/train_vit.py trains with
         from benchmarks.train_vit import KWARGS, MEAN, SPEC, STD
 
@@ -143,7 +146,7 @@ def test_init_from_loads_only_the_same_explainer_for_the_same_target():
     with pytest.raises(TargetMismatchError, match="weights sha256"):
         start_from(build_explainer(dict(shipped.config), other_target), "cifar10-vit", other)
     with pytest.raises(FileNotFoundError, match="no-such-explainer"):
-        T.initial_explainer({"train": {"init_from": "no-such-explainer"}}, None)
+        train_artifact.initial_explainer({"train": {"init_from": "no-such-explainer"}}, None)
 
 
 # ---------------------------------------------------------------- shared tiny data + target
@@ -155,8 +158,8 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     cfg = C.load_config(DEMO, TINY, {"storage": str(root), "name": "prep"})
     cfg["run_dir"] = str(root / "prep")
-    train_spec, val_spec = T.prepare_synthetic(cfg)
-    checkpoint = T.fit_target(cfg, expand_urls(train_spec))
+    train_spec, val_spec = demo_inputs.prepare_synthetic(cfg)
+    checkpoint = demo_inputs.fit_target(cfg, expand_urls(train_spec))
     sets = TINY + [f"data.train={train_spec}", f"data.val={val_spec}", f"target.checkpoint={checkpoint}"]
     return {"root": root, "sets": sets, "checkpoint": checkpoint}
 
@@ -205,7 +208,7 @@ def test_two_workers_disjoint_data_and_loss_decreases(failing_run):
     held = set()
     for url in expand_urls(failing_run["cfg"]["data"]["train"]):
         rows = list(iter_shard(url, 16, holdout_every=4, part="holdout"))
-        held |= set(T.sample_ids([r["key"] for r in rows], [r["source"] for r in rows]).tolist())
+        held |= set(train_data.sample_ids([r["key"] for r in rows], [r["source"] for r in rows]).tolist())
     trained = {i for attempt in rank0 + rank1 for _, i in attempt}
     assert len(held) == 64 and trained and not trained & held
     metrics = read_jsonl(run_dir / "metrics.jsonl")
