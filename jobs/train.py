@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pipeline.config import load_config  # noqa: E402
+from pipeline.config import ConfigError, load_config  # noqa: E402
 from pipeline.train import run  # noqa: E402
 from pipeline.progress import filter_native_stderr  # noqa: E402
 
@@ -44,7 +44,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     flags = {k: getattr(args, k) for k in ("name", "workers", "gpus", "storage", "storage_options", "steps", "batch_size",
                                            "checkpoint_every", "val_every")}
-    run(load_config(args.config, args.sets, flags), ray_logs=args.verbose)
+    try:
+        config = load_config(args.config, args.sets, flags)
+    except (ConfigError, FileNotFoundError) as e:  # one line naming the key or file, not a traceback
+        sys.exit(f"error: {e}")
+    return run(config, ray_logs=args.verbose)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ checks every key against `DEFAULTS` (a typo is an error that lists the known key
 resolves local paths: relative paths are taken from the current directory and made
 absolute (Ray workers run in another directory), `~` is expanded, URLs (`s3://...`)
 are left alone. The resolved config is printed at the start of a run and saved as
-`config.yaml` in the run directory.
+`config.yaml` in the run directory: the user's keys only, so it loads back with `--config`;
+what the driver derives (run_dir, data URLs, ...) goes to `run.json` beside it (`derived_state`).
 
 Sections whose keys are checked elsewhere are open: `explainer` (by
 `l2r.explainer.build_explainer`), `objective` (by `l2r.objective.ObjectiveConfig`),
@@ -149,8 +150,15 @@ def get_key(config: dict, dotted: str, default=None):
     return node
 
 
-def merge(base: dict, override: dict, prefix: str = "") -> dict:
-    """Deep merge; keys unknown to `base` raise, except inside open sections."""
+class ConfigError(KeyError):
+    """A key the config does not have; its message is one line naming the key and where it was given."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def merge(base: dict, override: dict, prefix: str = "", source: str = "") -> dict:
+    """Deep merge; keys unknown to `base` raise `ConfigError` naming `source`, except inside open sections."""
     out = copy.deepcopy(base)
     for key, value in (override or {}).items():
         where = f"{prefix}{key}"
@@ -158,9 +166,10 @@ def merge(base: dict, override: dict, prefix: str = "") -> dict:
             out[key] = copy.deepcopy(value)
         elif key not in out:
             known = ", ".join(sorted(out))
-            raise KeyError(f"unknown config key {where!r}; known here: {known}")
+            raise ConfigError(f"{source}: unknown config key {where!r}; known here: {known}" if source else
+                              f"unknown config key {where!r}; known here: {known}")
         elif isinstance(out[key], dict) and isinstance(value, dict):
-            out[key] = merge(out[key], value, f"{where}.")
+            out[key] = merge(out[key], value, f"{where}.", source)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -182,7 +191,7 @@ def load_config(path: str | os.PathLike | None = None, sets: list[str] = (), fla
     config = copy.deepcopy(DEFAULTS)
     if path is not None:
         with open(path) as f:
-            config = merge(config, yaml.safe_load(f) or {})
+            config = merge(config, yaml.safe_load(f) or {}, source=str(path))
         if config["name"] is None:
             config["name"] = Path(path).stem
     overrides: dict = {}
@@ -194,7 +203,9 @@ def load_config(path: str | os.PathLike | None = None, sets: list[str] = (), fla
     for flag, value in (flags or {}).items():
         if value is not None:
             set_key(overrides, FLAG_KEYS[flag], value)
-    config = merge(config, overrides)
+    config = merge(config, overrides, source="--set")
+    if config["run"]["storage_options"] == REDACTED:  # a saved config: the credentials are given anew
+        config["run"]["storage_options"] = None
     for key in PATH_KEYS:
         value = get_key(config, key)
         if value is not None:
@@ -224,5 +235,30 @@ def recorded_config(config: dict) -> dict:
     return {**config, "run": {**run, "storage_options": REDACTED}}
 
 
+def user_config(config: dict) -> dict:
+    """The keys a user sets (those of `DEFAULTS`): what `config.yaml` holds, so that it loads back."""
+    return {key: value for key, value in config.items() if key in DEFAULTS}
+
+
 def dump_config(config: dict) -> str:
-    return yaml.safe_dump(recorded_config(config), sort_keys=False, default_flow_style=None)
+    """The user's config as YAML (derived run state left out: `derived_state`), credentials redacted."""
+    return yaml.safe_dump(recorded_config(user_config(config)), sort_keys=False, default_flow_style=None)
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value and f"{prefix}{key}" not in OPEN_SECTIONS:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def derived_state(given: dict, config: dict) -> dict:
+    """What a driver derived from the user's config `given`, as `run.json` records it: its own keys
+    (run_dir, data URLs and identity, ...) and, under "resolved", the user keys whose value it settled
+    (e.g. run.cpus_per_worker "auto" -> a number, target.checkpoint of a fitted target)."""
+    before, after = _flatten(recorded_config(user_config(given))), _flatten(recorded_config(user_config(config)))
+    resolved = {key: value for key, value in after.items() if before.get(key) != value}
+    return {**{key: value for key, value in config.items() if key not in DEFAULTS}, "resolved": resolved}

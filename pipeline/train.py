@@ -7,8 +7,9 @@ torch code is `l2r.training`; checkpoints `pipeline.checkpoints`; the artifact
 `pipeline.train_artifact`; metrics.jsonl `pipeline.metrics_log`; the progress line
 `pipeline.train_progress`).
 
-Run directory `<storage>/<name>/`: `config.yaml`, Ray Train's `checkpoint_*` dirs (each a
-`state.pt`: explainer, optimiser, scheduler, step, data position, config), `explainer/`
+Run directory `<storage>/<name>/`: `config.yaml` (the user's config), `run.json` (what the driver
+derived), Ray Train's `checkpoint_*` dirs (each a `state.pt`: explainer, optimiser, scheduler, step,
+data position, config), `explainer/`
 (the final artifact, `l2r.artifact.write_artifact`), `metrics.jsonl` (every report), `data/`
 (demo shards), `target.pt` (demo target), `keys/` (debug.record_keys, local storage only). The
 run directory, the data and the target checkpoint are reached through `l2r.storage` with
@@ -26,12 +27,13 @@ Resume and failures: see `pipeline.train_worker`.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
 
 from l2r import storage as l2r_storage
-from pipeline.config import dump_config, storage_options
+from pipeline.config import derived_state, dump_config, storage_options
 from pipeline.demo_inputs import fit_target, prepare_synthetic
 from pipeline.progress import quiet_ray_data, ray_init_kwargs, train_logging_config, verbose_requested
 from pipeline.ray_connect import init_ray
@@ -39,6 +41,8 @@ from pipeline.train_artifact import finished_artifact, initial_explainer
 from pipeline.train_data import data_identity, to_training_columns, training_read_size
 from pipeline.train_progress import PROGRESS_FILE, ProgressWatcher
 from pipeline.train_worker import train_loop_per_worker
+
+DERIVED_FILE = "run.json"  # beside config.yaml: what the driver derived from it (config.derived_state)
 
 
 def _first(spec) -> str:
@@ -64,7 +68,8 @@ def run(config: dict, verbose: bool = True, ray_logs: bool = False, show_config:
 
     `verbose`: print the resolved config, a progress line and the outcome; `ray_logs`: Ray's own
     INFO lines too (off by default, see `pipeline.progress`); `show_config`: the resolved config
-    on the console (it is saved as <run_dir>/config.yaml either way).
+    on the console (it is saved as <run_dir>/config.yaml either way, loadable with --config; what the driver
+    derives from it goes to <run_dir>/run.json).
     """
     import ray
     import ray.train
@@ -73,7 +78,7 @@ def run(config: dict, verbose: bool = True, ray_logs: bool = False, show_config:
     from l2r.shard_reader import expand_urls
     from pipeline.dataset import read_shards
 
-    config = dict(config)
+    given, config = config, dict(config)
     if verbose and show_config:
         print("resolved config:\n" + dump_config(config), flush=True)
     if not verbose_requested(ray_logs):
@@ -128,7 +133,9 @@ def run(config: dict, verbose: bool = True, ray_logs: bool = False, show_config:
                                       if node.get("Alive") and node["Resources"].get("CPU", 0) > 0])
     rcfg["cpus_per_worker"] = resolved
     needed = rcfg["workers"] * rcfg["cpus_per_worker"] + dcfg["read_cpus"]
-    l2r_storage.write_text(f"{config['run_dir']}/config.yaml", dump_config(config), options)
+    l2r_storage.write_text(f"{config['run_dir']}/config.yaml", dump_config(given), options)
+    l2r_storage.write_text(f"{config['run_dir']}/{DERIVED_FILE}", json.dumps(derived_state(given, config), indent=1),
+                           options)
     if ray.cluster_resources().get("CPU", 0) < needed:
         print(f"warning: the cluster has {ray.cluster_resources().get('CPU', 0)} CPUs; workers and one reader "
               f"need {needed} (reading may stall unless it scales up)", flush=True)

@@ -322,3 +322,39 @@ def test_ray_job_submit_trains_and_writes_loadable_artifact(tiny, ray_head, tmp_
         maps = explainer(images, target(images).argmax(1))
     assert maps.shape == (2, 1, 16, 16) and torch.isfinite(maps).all()
     assert not math.isnan(float(maps.std()))
+
+
+@pytest.mark.slow
+def test_a_saved_config_loads_back_and_runs_again(failing_run):
+    """The run's config.yaml holds the user's keys only (what the driver derived is in run.json), so
+    `jobs/train.py --config <run>/config.yaml --name again --steps 2` runs it again."""
+    import yaml
+
+    from jobs.train import main
+
+    run_dir = failing_run["run_dir"]
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert set(saved) <= set(C.DEFAULTS) and saved["name"] == "two"
+    derived = json.loads((run_dir / "run.json").read_text())
+    assert derived["run_dir"] == str(run_dir) and len(derived["data_identity"]["sha256"]) == 64
+    assert derived["val_urls"] and isinstance(derived["resolved"]["run.cpus_per_worker"], (int, float))
+    artifact = main(["--config", str(run_dir / "config.yaml"), "--name", "again", "--steps", "2"])
+    assert artifact == f"{failing_run['cfg']['run']['storage']}/again/explainer"
+    _, _, _, metadata = load_artifact(artifact)
+    assert metadata["steps"] == 2 and metadata["run_name"] == "again"
+    assert metadata["data"]["sha256"] == derived["data_identity"]["sha256"]  # the same data, read back
+
+
+def test_an_unknown_config_key_is_one_line_naming_key_and_file(tmp_path, capsys):
+    """A config holding a key the config does not have (as configs saved before run.json did: run_dir)."""
+    from jobs.train import main
+
+    old = tmp_path / "old.yaml"
+    old.write_text("name: demo\nrun_dir: /somewhere/demo\ntrain: {steps: 2}\n")
+    with pytest.raises(SystemExit) as stopped:
+        main(["--config", str(old)])
+    message = str(stopped.value.code)
+    assert message.startswith(f"error: {old}: unknown config key 'run_dir'") and "\n" not in message
+    with pytest.raises(SystemExit) as stopped:
+        main(["--config", str(DEMO), "--set", "train.stpes=3"])
+    assert str(stopped.value.code).startswith("error: --set: unknown config key 'train.stpes'")
