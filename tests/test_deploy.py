@@ -275,7 +275,7 @@ def test_attribution_reads_the_explainer_training_writes(jobs, monkeypatch):
 @pytest.mark.parametrize("job, edit, error", [
     ("train", lambda e: e.replace("--workers", "--wokers"), SystemExit),  # unknown to argparse
     ("train", lambda e: e.replace("--gpus", "--gpu"), AssertionError),  # a prefix argparse would take
-    ("train", lambda e: e.replace("data.val=", "data.vla="), KeyError),  # unknown config key
+    ("train", lambda e: e.replace("data.val=", "data.vla="), SystemExit),  # unknown config key: a one-line exit
     ("train", lambda e: e.replace("jobs/train.py", "jobs/trian.py"), AssertionError),
     ("attribute", lambda e: e.replace("--device cuda", "--device gpu"), SystemExit),  # not a choice
     ("attribute", lambda e: e.replace("--explainer", "--explain"), AssertionError),
