@@ -13,7 +13,7 @@
 # below run.
 #   CONFIG=cifar10-vit bash benchmarks/gpu_train.sh --steps 2500 \
 #     --set data.train=.gpudata/train-0000.tar --set data.val=.gpudata/test-0000.tar \
-#     --set target.checkpoint=explainers/cifar10-vit/target.safetensors
+#     --set target.checkpoint=l2r/explainers/cifar10-vit/target.safetensors
 #   CONFIG=cifar10-vit GPUS= bash benchmarks/gpu_train.sh --steps 2 ...   # on the CPU: a check of the script
 set -uo pipefail
 cd "$(dirname "$0")/.."

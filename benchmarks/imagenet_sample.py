@@ -8,7 +8,7 @@ gaussian), once for `l2r` and, with `--refine-steps`, once more for `l2r` with t
 with 95 % bootstrap intervals, the paired difference to l2r (the same images resampled for both;
 an interval that excludes 0 is a difference), and the target passes per image for one map.
 
-    python benchmarks/imagenet_sample.py --explainer explainers/imagenet-sample-mobilenet \
+    python benchmarks/imagenet_sample.py --explainer imagenet-sample-mobilenet \
         --output runs/imagenet-sample-eval [--refine-steps 20] [--references black,mean,blur]
 
 Reruns with the same `--output` reuse finished results (the attribution job skips finished shards).

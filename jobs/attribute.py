@@ -56,7 +56,7 @@ def build_parser():
     p.add_argument("--input-size", help="H,W or one side (needed for a user's model)")
     p.add_argument("--crop-pct", type=float, default=1.0, help="centre-crop fraction (timm eval: 0.875)")
     p.add_argument("--explainer", help="explainer artifact folder or URL (model.safetensors + explainer.json), "
-                   "or a shipped explainer's name (explainers/: cifar10-resnet20, cifar10-vit, imagenet-sample-mobilenet)")
+                   "or a shipped explainer's name (l2r/explainers/: cifar10-resnet20, cifar10-vit, imagenet-sample-mobilenet)")
     p.add_argument("--methods", default="l2r", help=f"comma-separated, from {','.join(all_methods())}")
     p.add_argument("--method-options", default="{}", help='JSON per method, e.g. \'{"rise": {"n_masks": 500}}\'')
     p.add_argument("--refine-steps", type=int, default=0, help="test-time refinement steps for l2r (0: off)")

@@ -71,20 +71,51 @@ def run(config: dict, verbose: bool = True, ray_logs: bool = False, show_config:
     on the console (it is saved as <run_dir>/config.yaml either way, loadable with --config; what the driver
     derives from it goes to <run_dir>/run.json).
     """
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from l2r.shard_reader import expand_urls
-    from pipeline.dataset import read_shards
-
     given, config = config, dict(config)
     if verbose and show_config:
         print("resolved config:\n" + dump_config(config), flush=True)
     if not verbose_requested(ray_logs):
         quiet_ray_data()
-    storage = config["run"]["storage"].rstrip("/")
-    config["run_dir"] = f"{storage}/{config['name']}"
+    train_urls, train_filesystem = resolve_inputs(config)
+    if verbose:
+        print(f"training data: {len(train_urls)} shards, sha256 {config['data_identity']['sha256'][:16]}; "
+              f"target checkpoint: {config['target']['checkpoint']}", flush=True)
+    finished = finished_artifact(config)
+    if finished is not None:
+        if verbose:
+            print(f"already trained: {finished} holds step {config['train']['steps']} of this run "
+                  f"(a new --name, or more --steps, trains again)", flush=True)
+        return finished
+
+    config["ray_logs"] = verbose_requested(ray_logs)
+    config["run"] = {**config["run"], "cpus_per_worker": start_ray_and_plan_cpus(config, ray_logs)}
+    options = storage_options(config)
+    l2r_storage.write_text(f"{config['run_dir']}/config.yaml", dump_config(given), options)
+    l2r_storage.write_text(f"{config['run_dir']}/{DERIVED_FILE}", json.dumps(derived_state(given, config), indent=1),
+                           options)
+    trainer = make_trainer(config, training_dataset(config, train_urls, train_filesystem, verbose), ray_logs)
+    watcher = (ProgressWatcher(f"{config['run_dir']}/{PROGRESS_FILE}", config["train"]["steps"], options=options)
+               if verbose else None)
+    try:
+        result = trainer.fit()
+    finally:
+        if watcher is not None:
+            watcher.stop()
+    artifact = f"{config['run_dir']}/explainer"
+    if verbose:
+        if result.metrics:
+            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.metrics.items()}
+            print(f"final metrics: {shown}")
+        print(f"explainer artifact: {artifact}", flush=True)
+    return artifact
+
+
+def resolve_inputs(config: dict) -> tuple[list[str], object]:
+    """Fills what the run derives from its config (run_dir, import paths, val URLs, the data's identity,
+    the fine-tuning start, the demo's fitted target); returns (training shard URLs, their filesystem)."""
+    from l2r.shard_reader import expand_urls
+
+    config["run_dir"] = f"{config['run']['storage'].rstrip('/')}/{config['name']}"
     # User model specs import from the launch directory (the uploaded working dir under `ray job submit`).
     config["import_paths"] = [os.getcwd()]
     if os.getcwd() not in sys.path:
@@ -106,20 +137,14 @@ def run(config: dict, verbose: bool = True, ray_logs: bool = False, show_config:
         config["train"], config["init_from"] = initial_explainer(config, options)
     if config["target"]["checkpoint"] is None and config["target"]["fit_steps"] > 0:
         config["target"] = {**config["target"], "checkpoint": fit_target(config, train_urls)}
+    return train_urls, train_filesystem
 
-    if verbose:
-        print(f"training data: {len(train_urls)} shards, sha256 {config['data_identity']['sha256'][:16]}; "
-              f"target checkpoint: {config['target']['checkpoint']}", flush=True)
-    finished = finished_artifact(config)
-    if finished is not None:
-        if verbose:
-            print(f"already trained: {finished} holds step {config['train']['steps']} of this run "
-                  f"(a new --name, or more --steps, trains again)", flush=True)
-        return finished
 
-    config["ray_logs"] = verbose_requested(ray_logs)
-    dcfg = config["data"]
-    rcfg = config["run"] = dict(config["run"])
+def start_ray_and_plan_cpus(config: dict, ray_logs: bool) -> float:
+    """Joins or starts Ray; returns the CPUs per worker (run.cpus_per_worker, "auto" resolved)."""
+    import ray
+
+    rcfg, dcfg = config["run"], config["data"]
     resolved = None
     if not ray.is_initialized():
         # A new local Ray declares enough logical CPUs for the workers plus a reader, or Ray Data
@@ -131,22 +156,34 @@ def run(config: dict, verbose: bool = True, ray_logs: bool = False, show_config:
     if resolved is None:  # joined a cluster: "auto" from its nodes (the reader's share is left to it)
         resolved = worker_cpus(rcfg, [node["Resources"].get("CPU", 0) - dcfg["read_cpus"] for node in ray.nodes()
                                       if node.get("Alive") and node["Resources"].get("CPU", 0) > 0])
-    rcfg["cpus_per_worker"] = resolved
-    needed = rcfg["workers"] * rcfg["cpus_per_worker"] + dcfg["read_cpus"]
-    l2r_storage.write_text(f"{config['run_dir']}/config.yaml", dump_config(given), options)
-    l2r_storage.write_text(f"{config['run_dir']}/{DERIVED_FILE}", json.dumps(derived_state(given, config), indent=1),
-                           options)
+    needed = rcfg["workers"] * resolved + dcfg["read_cpus"]
     if ray.cluster_resources().get("CPU", 0) < needed:
         print(f"warning: the cluster has {ray.cluster_resources().get('CPU', 0)} CPUs; workers and one reader "
               f"need {needed} (reading may stall unless it scales up)", flush=True)
+    return resolved
+
+
+def training_dataset(config: dict, train_urls: list[str], filesystem, verbose: bool):
+    """The Ray Data stream the workers share: decoded training rows, reduced to the training columns."""
+    from pipeline.dataset import read_shards
+
+    dcfg = config["data"]
     ds = read_shards(train_urls, *training_read_size(dcfg), num_cpus=dcfg["read_cpus"],
-                     holdout_every=dcfg["holdout_every"], part="train", filesystem=train_filesystem)
+                     holdout_every=dcfg["holdout_every"], part="train", filesystem=filesystem)
     ds = ds.map_batches(to_training_columns, batch_format="numpy", num_cpus=dcfg["read_cpus"])
     if dcfg["materialize"]:
         ds = ds.materialize()
         if verbose:
             print(f"training data materialized: {ds.count()} rows in the object store", flush=True)
+    return ds
 
+
+def make_trainer(config: dict, dataset, ray_logs: bool):
+    """The `TorchTrainer`: one worker group of run.workers, checkpoints and failures on the run's storage."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    rcfg = config["run"]
     scaling = ray.train.ScalingConfig(
         num_workers=rcfg["workers"],
         use_gpu=bool(rcfg["gpus"]),
@@ -154,7 +191,8 @@ def run(config: dict, verbose: bool = True, ray_logs: bool = False, show_config:
                               **(rcfg["worker_resources"] or {})},
     )
     # Ray Train's checkpoints go through the same fsspec filesystem and options as everything else.
-    storage_filesystem, storage_path = l2r_storage.pyarrow_filesystem(storage, options)
+    storage_filesystem, storage_path = l2r_storage.pyarrow_filesystem(config["run"]["storage"].rstrip("/"),
+                                                                      storage_options(config))
     run_config = ray.train.RunConfig(
         name=config["name"],
         storage_path=storage_path,
@@ -163,21 +201,5 @@ def run(config: dict, verbose: bool = True, ray_logs: bool = False, show_config:
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config["train"]["keep_checkpoints"]),
         logging_config=train_logging_config(ray_logs),
     )
-    trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=config, scaling_config=scaling, run_config=run_config,
-        datasets={"train": ds},
-    )
-    watcher = (ProgressWatcher(f"{config['run_dir']}/{PROGRESS_FILE}", config["train"]["steps"], options=options)
-               if verbose else None)
-    try:
-        result = trainer.fit()
-    finally:
-        if watcher is not None:
-            watcher.stop()
-    artifact = f"{config['run_dir']}/explainer"
-    if verbose:
-        if result.metrics:
-            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.metrics.items()}
-            print(f"final metrics: {shown}")
-        print(f"explainer artifact: {artifact}", flush=True)
-    return artifact
+    return TorchTrainer(train_loop_per_worker, train_loop_config=config, scaling_config=scaling,
+                        run_config=run_config, datasets={"train": dataset})

@@ -50,6 +50,41 @@ def _mean_across_workers(values: dict, device) -> dict:
     return dict(zip(keys, (t / dist.get_world_size()).tolist()))
 
 
+def build_or_resume(config: dict, device):
+    """(target, its record, explainer, optimiser, scheduler, data position): fresh, from the latest
+    checkpoint of this run (a resume), or with the weights of train.init_from (fine-tuning)."""
+    import ray.train
+    import ray.train.torch
+
+    tcfg = config["train"]
+    target, record = make_target(config, device)
+    explainer = build_explainer(dict(config["explainer"]), target)
+    position = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "images": 0}
+    state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        state = restore_checkpoint(checkpoint)
+        explainer.load_state_dict(state["explainer"])
+        position = dict(state["position"])
+    elif tcfg["init_from"]:
+        start_from(explainer, tcfg["init_from"], record, storage_options(config))
+    explainer = ray.train.torch.prepare_model(explainer)  # device + DDP when world > 1
+    optimizer, scheduler = make_optimizer(explainer, tcfg, int(tcfg["steps"]))
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    return target, record, explainer, optimizer, scheduler, position
+
+
+def open_keys_file(config: dict, rank: int):
+    """debug.record_keys: <run_dir>/keys/rank<N>.txt, appended to (a resumed attempt adds its lines)."""
+    if l2r_storage.is_url(config["run_dir"]):
+        raise ValueError("debug.record_keys writes into the run directory with appends: local storage only")
+    keys_dir = Path(config["run_dir"]) / "keys"
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    return open(keys_dir / f"rank{rank}.txt", "a")
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -69,22 +104,7 @@ def train_loop_per_worker(config: dict) -> None:
     ocfg = ObjectiveConfig(**config["objective"])
     autocast = device.type == "cuda" and bool(tcfg["bf16"])
 
-    target, record = make_target(config, device)
-    explainer = build_explainer(dict(config["explainer"]), target)
-    position = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "images": 0}
-    state = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        state = restore_checkpoint(checkpoint)
-        explainer.load_state_dict(state["explainer"])
-        position = dict(state["position"])
-    elif tcfg["init_from"]:
-        start_from(explainer, tcfg["init_from"], record, storage_options(config))
-    explainer = ray.train.torch.prepare_model(explainer)  # device + DDP when world > 1
-    optimizer, scheduler = make_optimizer(explainer, tcfg, total)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    target, record, explainer, optimizer, scheduler, position = build_or_resume(config, device)
     start_step = position["step"]
     torch.manual_seed(config["seed"] * 1000003 + rank * 7919 + start_step)
 
@@ -92,14 +112,8 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0 and config.get("val_urls"):
         val_images = load_val_images(config["val_urls"], dcfg, vcfg["images"], config.get("val_part", "all"),
                                      storage_options(config)).to(device)
-    keys_file = None
     metrics_log = MetricsLog(config, start_step) if rank == 0 else None
-    if config["debug"]["record_keys"]:
-        if l2r_storage.is_url(config["run_dir"]):
-            raise ValueError("debug.record_keys writes into the run directory with appends: local storage only")
-        keys_dir = Path(config["run_dir"]) / "keys"
-        keys_dir.mkdir(parents=True, exist_ok=True)
-        keys_file = open(keys_dir / f"rank{rank}.txt", "a")
+    keys_file = open_keys_file(config, rank) if config["debug"]["record_keys"] else None
 
     step = start_step
     window: dict[str, float] = {}

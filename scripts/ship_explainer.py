@@ -30,7 +30,7 @@ from l2r.artifact import SHIPPED  # noqa: E402
 
 
 def ship(run_dir: Path, name: str, with_target_weights: bool = False, target_weights: Path | None = None) -> Path:
-    """explainers/<name> from a finished run; ``target_weights``: the file to copy in as the target's
+    """l2r/explainers/<name> from a finished run; ``target_weights``: the file to copy in as the target's
     weights, for a run trained on another machine (its recorded path is that machine's)."""
     artifact = run_dir / "explainer"
     for needed in (artifact / "explainer.json", artifact / "model.safetensors", run_dir / "metrics.jsonl"):
