@@ -72,9 +72,9 @@ def package_versions() -> dict:
 
 
 
-# CPU batches by image size, measured (RESULTS.md, benchmarks/attribute.py): forwards of large images
-# run at half speed in chunks of 128 (their activations leave the caches), and a smaller actor call
-# shows its first results sooner.
+# CPU batches by image size, measured (benchmarks/RESULTS.md, "Attribution throughput on a CPU"):
+# forwards of large images run at half speed in chunks of 128 (their activations leave the caches),
+# and a smaller actor call shows its first results sooner.
 CPU_SMALL_IMAGE_PIXELS = 64 * 64
 CPU_BATCHES = {"small": {"batch_size": 64, "forward_batch": 64}, "large": {"batch_size": 16, "forward_batch": 16}}
 

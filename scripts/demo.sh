@@ -30,7 +30,7 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANTED" ]; then
 else
     say "2/4 install: l2r with its baselines into $VENV: torch, torchvision, timm, Ray (Train, Data),"
     say "    pyarrow, Captum, pytorch-grad-cam and their dependencies, at the versions of scripts/constraints.txt."
-    say "    A first install downloads about 3 GB and fills about 6.6 GB (PyPI's x86-64 torch brings CUDA"
+    say "    A first install fetches several GB and fills about 6.6 GB (PyPI's x86-64 torch brings CUDA"
     say "    libraries that a CPU never loads): about 2-3 min on a fast link; seconds when already there."
     LOG="$VENV/pip-install.log"
     "$VENV/bin/pip" install --no-compile --progress-bar off -c scripts/constraints.txt -e ".[baselines]" >"$LOG" 2>&1 &
@@ -38,15 +38,18 @@ else
     while kill -0 "$PIP" 2>/dev/null; do
         for _ in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15; do kill -0 "$PIP" 2>/dev/null && sleep 1; done
         kill -0 "$PIP" 2>/dev/null || break
-        doing=$(grep -E '^(Collecting|Downloading|Installing collected|Building|Obtaining)' "$LOG" | tail -n 1 | cut -c1-70 || true)
-        say "    pip: $(grep -c '^Collecting' "$LOG" || true) packages resolved, $(du -sh "$VENV" 2>/dev/null | cut -f1) in $VENV; ${doing:-starting}"
+        doing=$(grep -E '^ *(Collecting|Processing|Downloading|Installing collected|Building|Obtaining)' "$LOG" | tail -n 1 \
+            | sed -E 's#^ *##; s#(Processing|Obtaining) [^ ]*/#\1 #' | cut -c1-70 || true)
+        fetched=$(grep -oE '^ *Downloading .*\(([0-9.]+) ([kMG]B)\)' "$LOG" | grep -oE '[0-9.]+ [kMG]B\)$' \
+            | awk '{m = $2 == "GB)" ? 1024 : ($2 == "kB)" ? 1 / 1024 : 1); t += $1 * m} END {printf "%.0f MB", t}')
+        say "    pip: $(grep -cE '^(Collecting|Processing) ' "$LOG" || true) packages resolved, $fetched downloaded, $(du -sh "$VENV" 2>/dev/null | cut -f1) in $VENV; ${doing:-starting}"
     done
     if ! wait "$PIP"; then
         tail -n 30 "$LOG"
         say "pip install failed; its whole output is in $LOG"
         exit 1
     fi
-    say "    installed ($(grep -c '^Collecting' "$LOG" || true) packages; pip's output in $LOG)"
+    say "    installed ($(grep -cE '^(Collecting|Processing) ' "$LOG" || true) packages; pip's output in $LOG)"
     # pip's own compile pass is serial; this uses every core. Without .pyc files (PYTHONDONTWRITEBYTECODE),
     # every Ray worker would compile torch, timm and ray again at its start.
     say "3/4 byte-compile: $VENV and the project on every core (python -m compileall, about 1 min)"
