@@ -9,7 +9,9 @@ each of those seeks would be a ranged request, or fsspec's read-ahead would fetc
 as costly as the job's own read; there a shard's size comes from the listing the shards were found
 with (fsspec caches it) and is divided by the bytes per sample of the shards counted so far, or of
 the first MiB of the first remote shard (one ranged read for the whole job): an estimate for shards
-of similar images. A shard that cannot be counted or sized counts as the mean of the others."""
+of similar images. Past `COUNT_SECONDS` (thousands of shards named by a brace pattern, one
+metadata request each), the remaining remote shards count as the mean of those sized, as does a
+shard that cannot be counted or sized."""
 
 from __future__ import annotations
 
@@ -79,7 +81,8 @@ def _kept(samples: float, holdout_every: int, part: str) -> float:
 def expected_samples(urls: list[str], filesystem=None, holdout_every: int = 0, part: str = "all",
                      count_seconds: float = COUNT_SECONDS) -> list[float]:
     """Per shard, the number of samples the job will read from it: exact for the local shards
-    counted within `count_seconds`, from the shard's size for the others (see the module docstring).
+    counted within `count_seconds`, from the shard's size for the others (see the module docstring);
+    past `count_seconds`, remote shards take the mean of those sized before (no more requests).
     An empty list when nothing could be counted: the caller has no total then."""
     started = time.perf_counter()
     counts: list[float | None] = []
@@ -87,8 +90,12 @@ def expected_samples(urls: list[str], filesystem=None, holdout_every: int = 0, p
     for url in urls:
         try:
             fs, path, local = storage.resolve(url, filesystem=filesystem)
-            size = fs.size(path)  # on an object store, from the listing the shards were found with
-            if local and time.perf_counter() - started < count_seconds:
+            in_budget = time.perf_counter() - started < count_seconds
+            if not local and not in_budget and any(c is not None for c in counts):
+                counts.append(None)  # no more requests: the mean of the shards sized so far
+                continue
+            size = fs.size(path)  # on an object store, often from the listing the shards were found with
+            if local and in_budget:
                 n = _local_count(path)
                 measured_samples, measured_bytes = measured_samples + n, measured_bytes + size
                 counts.append(_kept(n, holdout_every, part))

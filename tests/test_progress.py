@@ -102,3 +102,5 @@ def test_remote_shards_are_estimated_from_sizes_and_one_prefix(tmp_path, s3_serv
     assert shard_count._prefix_count(fs, remote[0].removeprefix("s3://"))[0] < 100
     estimates = shard_count.expected_samples(remote, filesystem=fs)
     assert len(estimates) == 3 and all(abs(e - 100) <= 10 for e in estimates), estimates
+    # Out of time at once: the first shard is sized, the others take its estimate without a request.
+    assert shard_count.expected_samples(remote, filesystem=fs, count_seconds=0.0) == [estimates[0]] * 3
