@@ -41,7 +41,7 @@ else
         doing=$(grep -E '^ *(Collecting|Processing|Downloading|Installing collected|Building|Obtaining)' "$LOG" | tail -n 1 \
             | sed -E 's#^ *##; s#(Processing|Obtaining) [^ ]*/#\1 #' | cut -c1-70 || true)
         fetched=$(grep -oE '^ *Downloading .*\(([0-9.]+) ([kMG]B)\)' "$LOG" | grep -oE '[0-9.]+ [kMG]B\)$' \
-            | awk '{m = $2 == "GB)" ? 1024 : ($2 == "kB)" ? 1 / 1024 : 1); t += $1 * m} END {printf "%.0f MB", t}')
+            | awk '{m = $2 == "GB)" ? 1024 : ($2 == "kB)" ? 1 / 1024 : 1); t += $1 * m} END {printf "%.0f MB", t}' || true)
         say "    pip: $(grep -cE '^(Collecting|Processing) ' "$LOG" || true) packages resolved, $fetched downloaded, $(du -sh "$VENV" 2>/dev/null | cut -f1) in $VENV; ${doing:-starting}"
     done
     if ! wait "$PIP"; then
