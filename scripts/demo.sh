@@ -5,7 +5,7 @@
 # -> a comparison report (Markdown, JSON, HTML, PNG). A second run reuses what is done.
 # Arguments go to jobs/demo.py (e.g. --set train.steps=100).
 # It says what it does before each phase, and while pip runs, a line every 15 s: a first run takes
-# about 7 minutes on 2 cores, half of it installing (benchmarks/RESULTS.md, "The demo").
+# 5-7 minutes on 2 quiet cores, about half of it installing (benchmarks/RESULTS.md, "The demo").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${L2R_VENV:-.venv}
