@@ -70,9 +70,9 @@ def _prefix_count(fs, path: str) -> tuple[int, int]:
     return samples, (len(prefix) if complete else end)
 
 
-def _kept(samples: float, holdout_every: int, part: str) -> float:
-    """How many of a shard's samples the job reads (`pipeline.data.in_part`): exact for a whole number."""
-    if samples == int(samples):
+def _kept(samples: float, holdout_every: int, part: str, exact: bool = False) -> float:
+    """How many of a shard's samples the job reads (`pipeline.data.in_part`), for an exact count or an estimate."""
+    if exact:
         return float(sum(in_part(i, holdout_every, part) for i in range(int(samples))))
     return samples * (1.0 if part == "all" or holdout_every <= 0 else
                       1 / holdout_every if part == "holdout" else 1 - 1 / holdout_every)
@@ -98,7 +98,7 @@ def expected_samples(urls: list[str], filesystem=None, holdout_every: int = 0, p
             if local and in_budget:
                 n = _local_count(path)
                 measured_samples, measured_bytes = measured_samples + n, measured_bytes + size
-                counts.append(_kept(n, holdout_every, part))
+                counts.append(_kept(n, holdout_every, part, exact=True))
                 continue
             if not measured_samples:
                 measured_samples, measured_bytes = _prefix_count(fs, path)
