@@ -12,7 +12,7 @@
 # Each stage has its own time limit; a failed stage is reported and the next one still runs.
 #
 # Python packages: where `ray` is not importable, wheels in .whl/ (see benchmarks/RESULTS.md,
-# "GPU check") are installed into /tmp/site first; else `pip install -e .[baselines]`.
+# "GPU runs") are installed into /tmp/site first; else `pip install -e .[baselines]`.
 # Data: $DATA (default ../shared/data/cifar10) with test-0000.tar and train-0000.tar, and
 # $CKPT (default ../shared/models/resnet20-12fca82f.th). Results and logs go to $OUT.
 #

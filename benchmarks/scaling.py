@@ -7,8 +7,8 @@ local Ray:
 - ``attribute_speedup_2_actors``: job images/s with 2 CPU actors (1 torch thread each) over
   1 actor (1 thread), same images (``--actor-images``), K=21, method l2r; also after start-up;
 - ``train_speedup_2_workers``: training images/s (the `cifar10` config with the CPU overrides of
-  RESULTS.md, the second report window, so start-up is excluded) with 2 Ray Train workers of one
-  thread each over 1 worker with every core (``cpus_per_worker: auto``);
+  benchmarks/RESULTS.md, "Training step cost"; the second report window, so start-up is excluded)
+  with 2 Ray Train workers of one thread each over 1 worker with every core (``cpus_per_worker: auto``);
 - ``driver_peak_rss_growth_10x``: the attribution driver's peak RSS (its own process, from
   ``getrusage``) with 10x the images over 1x (K=3 and the ``random`` method, so that many images
   run in little time: the driver's work does not depend on the method);

@@ -4,7 +4,8 @@ Every removed pixel, per channel, equals the weighted mean of its 8 neighbours (
 4 edge neighbours, 1/12 for the 4 diagonal ones; neighbours outside the image drop out and
 the weights are renormalised). All removed pixels of an image are solved jointly, then
 Gaussian noise is added to them. The removed set's shape then carries no colour edge a
-model could read, unlike a solid reference (the paper's argument; RESULTS.md measures it).
+model could read, unlike a solid reference (the paper's argument; measured in benchmarks/RESULTS.md,
+"CIFAR-10 quality of the shipped explainers": the random control no longer deletes fastest).
 
 The system is the same as the reference implementation's (pytorch-grad-cam's
 `NoisyLinearImputer`, a sparse direct solve per image on the CPU); here it is solved for a
@@ -26,7 +27,8 @@ DIAGONAL_WEIGHT = 1.0 / 12.0
 NOISE_SIGMA = 0.01  # the paper's and pytorch-grad-cam's default
 MEAN_COLOUR = (0.485, 0.456, 0.406)  # the ImageNet mean; also the "mean" reference
 # Relative residual at which CG stops. 1e-5 keeps random masks within 1e-4 of a direct solve
-# at 32 and 160 px (tests/test_imputation.py), and large holes well inside the noise (RESULTS.md).
+# at 32 and 160 px (tests/test_imputation.py), and large holes well inside the noise
+# (benchmarks/RESULTS.md, "Imputation").
 TOLERANCE = 1e-5
 # With the multigrid preconditioner CG converges in tens of iterations; this is only a guard.
 MAX_ITERATIONS = 500
@@ -34,7 +36,7 @@ CHECK_EVERY = 2  # iterations between convergence checks (each check syncs a GPU
 # On a CPU the solve goes in batches of at most this many pixel values (1 MB per float32 array):
 # its dozen working arrays then stay in cache, and each batch stops when its own systems have
 # converged, not the slowest of thousands (with the in-place stencils, 1.5x at 32 px on one
-# thread: RESULTS.md, session 12).
+# thread: benchmarks/RESULTS.md, "Imputation").
 # A GPU gets the whole batch: there a call's fixed cost dominates.
 CPU_BATCH_VALUES = 1 << 18
 

@@ -72,9 +72,9 @@ def package_versions() -> dict:
 
 
 
-# CPU batches by image size, measured (RESULTS.md, benchmarks/attribute.py): forwards of large images
-# run at half speed in chunks of 128 (their activations leave the caches), and a smaller actor call
-# shows its first results sooner.
+# CPU batches by image size, measured (benchmarks/RESULTS.md, "Attribution throughput on a CPU"):
+# forwards of large images run at half speed in chunks of 128 (their activations leave the caches),
+# and a smaller actor call shows its first results sooner.
 CPU_SMALL_IMAGE_PIXELS = 64 * 64
 CPU_BATCHES = {"small": {"batch_size": 64, "forward_batch": 64}, "large": {"batch_size": 16, "forward_batch": 16}}
 
@@ -207,6 +207,7 @@ def run_attribution(config: AttributeConfig, log: Callable[[str], None] | None =
 
     from l2r.shard_reader import expand_urls
     from pipeline.dataset import read_shards
+    from pipeline.shard_count import expected_samples
 
     log = log or (lambda line: print(line, flush=True))
     started = time.time()
@@ -332,8 +333,11 @@ def run_attribution(config: AttributeConfig, log: Callable[[str], None] | None =
         merge = ray.remote(num_cpus=0, max_retries=3)(merge_parts)
         shards = _ShardTracker(todo, names, output, config, merge, log, skipped, len(urls), run_stats, run_started,
                                shard_log, _fail_after_shards)
-        # The total is estimated from the shards finished so far (shard sizes are not known up front).
-        progress = Progress("attribute", None, "images", interval=config.progress_interval, log=log)
+        # The total, known before decoding (`pipeline.shard_count`), gives an ETA from the first batch;
+        # a shard's real count replaces its estimate once the shard is committed.
+        expected = expected_samples(todo, filesystem, config.holdout_every, "holdout")
+        progress = Progress("attribute", round(sum(expected)) if expected else None, "images",
+                            interval=config.progress_interval, log=log, start=0)
         try:
             for summaries in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 if first_batch is None:
@@ -343,7 +347,10 @@ def run_attribution(config: AttributeConfig, log: Callable[[str], None] | None =
                     shards.add_part(row["source"], row["part"], part_stats)
                     run_stats.add(part_stats)
                 shards.collect(block=False)
-                if shards.committed:
+                if expected:
+                    progress.total = max(round(shards.committed_images + sum(expected[shards.committed:])),
+                                         run_stats.images)
+                elif shards.committed:
                     progress.total = round(shards.committed_images / shards.committed * len(todo))
                 progress.update(run_stats.images, errors=run_stats.errors, shard=f"{shards.current + 1}/{len(todo)}")
             shards.finish()

@@ -16,9 +16,10 @@ PRECISIONS = ("fp32", "bf16")
 # activations). Both stay fp32 unless precision says otherwise, so the AUCs stay those of eager
 # fp32 (tests/test_attribute.py measures how close). torch.compile is not offered: with the
 # curves' varying batch sizes its first batch of MobileNetV1 had not compiled after 6 minutes on
-# the 2-core CPU (RESULTS.md).
+# the 2-core CPU (benchmarks/RESULTS.md, "Attribution throughput on a CPU").
 FAST_PATHS = ("eager", "channels_last")
-# "auto": the fastest measured on each device (benchmarks/attribute.py --fast-path, RESULTS.md).
+# "auto": the fastest measured on each device (benchmarks/attribute.py --fast-path; benchmarks/RESULTS.md,
+# "Attribution throughput on a CPU" and "GPU runs").
 FAST_PATH_DEFAULT = {"cpu": "channels_last", "cuda": "channels_last"}
 
 

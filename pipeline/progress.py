@@ -146,9 +146,11 @@ class Progress:
     """Progress of one long stage: `update(done, **fields)`, then `close()`."""
 
     def __init__(self, stage: str, total: int | None, unit: str = "", interval: float = 30.0, stream=None,
-                 log=None):
-        """`log`: a callable taking each line instead of writing to `stream` (plain lines, never in place)."""
-        self.stage, self.total, self.unit, self.interval = stage, total, unit, interval
+                 log=None, start: float | None = None):
+        """`log`: a callable taking each line instead of writing to `stream` (plain lines, never in place).
+        `start`: the count at creation, where known (0 for a batch job's images of this run; a resumed
+        training run does not know it): then the first update already has a rate and an ETA."""
+        self.stage, self.total, self.unit, self.interval, self.start = stage, total, unit, interval, start
         self.stream = stream or sys.stdout
         self.log = log
         self.terminal = log is None and hasattr(self.stream, "isatty") and self.stream.isatty()
@@ -157,23 +159,30 @@ class Progress:
         self.last_print = None
         self.line = ""
 
+    def _pace(self, done: float) -> tuple[float, float] | None:
+        """(seconds, items) to measure the pace over: since the first update, which leaves start-up
+        out, once there is progress after it; until then since creation, where `start` is known."""
+        if self.first is None:
+            return None
+        now = time.perf_counter()
+        t0, d0 = self.first
+        if done > d0 and now > t0:
+            return now - t0, done - d0
+        if self.start is not None and done > self.start and now > self.started:
+            return now - self.started, done - self.start
+        return None
+
     def eta(self, done: float) -> float | None:
         if self.total is None or self.first is None:
             return None
         if done >= self.total:
             return 0.0
-        t0, d0 = self.first
-        elapsed, progressed = time.perf_counter() - t0, done - d0
-        if progressed <= 0 or elapsed <= 0:
-            return None
-        return (self.total - done) * elapsed / progressed
+        pace = self._pace(done)
+        return None if pace is None else (self.total - done) * pace[0] / pace[1]
 
     def rate(self, done: float) -> float | None:
-        if self.first is None:
-            return None
-        t0, d0 = self.first
-        elapsed = time.perf_counter() - t0
-        return (done - d0) / elapsed if elapsed > 0 and done > d0 else None
+        pace = self._pace(done)
+        return None if pace is None else pace[1] / pace[0]
 
     def format(self, done: float, fields: dict) -> str:
         of = f"/{self.total}" if self.total is not None else ""

@@ -39,7 +39,8 @@ def readme_snippet() -> str:
 def test_readme_snippet_runs_verbatim(tmp_path, monkeypatch, capsys):
     make_artifact(tmp_path)
     rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(tmp_path / "photo.jpg")
+    # A stand-in for the demo's photo (tests/test_demo.py runs the snippet on the demo's own output).
+    Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(tmp_path / "runs" / "demo" / "photo.png")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(ROOT))
     namespace = {}

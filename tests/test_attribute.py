@@ -1,6 +1,7 @@
 """The batch attribution job: schema, one row per (key, method), exact AUCs, errors, resume, S3."""
 
 import json
+import re
 import sys
 
 import numpy as np
@@ -345,6 +346,8 @@ def test_one_large_shard_streams_back_in_batches(ray_local, assets, tmp_path):
     progress = [line for line in lines if line.startswith("attribute: images ")]
     counts = [int(line.split()[2].split("/")[0].rstrip(",")) for line in progress]
     assert len({c for c in counts if c < 12}) >= 2, progress  # parts of the shard, before it was done
+    # The total is known before decoding (the shard's tar headers), so the first batch already has an ETA.
+    assert re.match(r"attribute: images \d+/12 .*ETA \d+s$", progress[0]), progress
 
 
 def test_the_fast_path_keeps_the_eager_fp32_aucs(shared_cifar10):

@@ -254,7 +254,7 @@ def control_findings(methods: dict, protocol: dict | None = None, input_size=Non
         causes = {
             "deletion_auc": "with the impute reference the removed set's shape carries no colour edge, so these "
                             "maps rank pixels no better than a map that knows nothing about the image, on this model",
-            # Measured in RESULTS.md (session 11): a weak ViT, where random leads insertion only up to ~40 %.
+            # Measured (benchmarks/RESULTS.md, "Under impute, a weak ViT"): random leads insertion only up to ~40 %.
             "insertion_auc": "with the impute reference a few scattered inserted pixels let the imputation rebuild a "
                              "smooth copy of the whole image, which this model already recognises, so a scattered "
                              "order scores well on insertion whatever it ranks; judge these maps by deletion and "
