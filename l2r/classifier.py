@@ -108,6 +108,31 @@ class TargetModel(nn.Module):
         return f"spec={self.spec!r}, input_size={self.input_size}, num_classes={self.num_classes}"
 
 
+def classifier_weight_rows(target: TargetModel) -> torch.Tensor:
+    """The target's final classifier weights, one row per class it outputs: (num_classes, features).
+
+    The classifier is timm's `get_classifier()` where the model has one, else the last
+    `nn.Linear` or 1x1 `nn.Conv2d` registered in the model with one output per logit. A
+    background logit's row is dropped, as its logit is.
+    """
+    net = target.net
+    logits = target.num_classes + int(target.background_logit)
+    candidates = [net.get_classifier()] if hasattr(net, "get_classifier") else []
+    candidates += reversed(list(net.modules()))
+    for module in candidates:
+        if isinstance(module, nn.Linear) and module.out_features == logits:
+            rows = module.weight
+        elif (isinstance(module, nn.Conv2d) and module.out_channels == logits
+              and module.kernel_size == (1, 1) and module.groups == 1):
+            rows = module.weight.flatten(1)
+        else:
+            continue
+        return rows.detach()[int(target.background_logit):]
+    raise ValueError(f"target {target.spec or type(net).__name__}: no final nn.Linear or 1x1 nn.Conv2d with "
+                     f"{logits} outputs to read class weight rows from; use the explainer's "
+                     f"condition 'embedding' for this model")
+
+
 def weights_sha256(module: nn.Module) -> str:
     """Hex sha256 over a module's state dict: names, dtypes, shapes and bytes, in name order."""
     digest = hashlib.sha256()

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from l2r.classifier import TargetModel, load_state_dict_checked
+from l2r.classifier import TargetModel, classifier_weight_rows, load_state_dict_checked
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "explainer.json"
@@ -49,9 +49,15 @@ DEFAULT_CONFIG = {
     "num_classes": None,  # default: the target's
     "dim": 64,  # decoder width
     "embed_dim": None,  # class embedding width (default: dim)
+    # How the decoder learns which class to explain: "embedding", a vector learnt per class id
+    # (random for a class training never targeted), or "classifier", the target's own classifier
+    # weight row for the class, projected: defined for every class the target has.
+    "condition": "embedding",
     "head_dim": 32,  # width of the full-resolution refinement convs
 }
 
+
+CONDITIONS = ("embedding", "classifier")
 
 # --------------------------------------------------------------------------- backbones
 
@@ -263,10 +269,29 @@ class ClassConditioning(nn.Module):
         return self.act(self.proj(torch.cat([x, e], dim=1)))
 
 
-class Decoder(nn.Module):
-    def __init__(self, in_channels, scales, num_classes, dim, embed_dim, head_dim):
+class ClassifierRowEmbedding(nn.Module):
+    """A class's embedding from the target's classifier weight row: unit-normalised, then Linear.
+
+    The rows are the target's, not the explainer's: kept as a non-persistent buffer, so the
+    explainer's file holds only the projection and loading rebuilds the rows from the target.
+    """
+
+    def __init__(self, rows: torch.Tensor, embed_dim: int):
         super().__init__()
-        self.class_embed = nn.Embedding(num_classes, embed_dim)
+        self.register_buffer("rows", F.normalize(rows.detach().float(), dim=1), persistent=False)
+        self.project = nn.Linear(rows.shape[1], embed_dim)
+
+    def forward(self, targets: torch.Tensor) -> torch.Tensor:
+        return self.project(self.rows[targets])
+
+
+class Decoder(nn.Module):
+    def __init__(self, in_channels, scales, num_classes, dim, embed_dim, head_dim, classifier_rows=None):
+        super().__init__()
+        if classifier_rows is None:
+            self.class_embed = nn.Embedding(num_classes, embed_dim)
+        else:
+            self.class_embed = ClassifierRowEmbedding(classifier_rows, embed_dim)
         self.project = nn.ModuleList(nn.Conv2d(c, dim, 1) for c in in_channels)
         self.resample = nn.ModuleList(resampler(dim, s) for s in scales)
         self.condition = nn.ModuleList(ClassConditioning(dim, embed_dim) for _ in in_channels)
@@ -350,6 +375,16 @@ def _build(config: dict, target: TargetModel | None, load_backbone_weights: bool
         cfg["num_classes"] = target.num_classes
     if cfg["embed_dim"] is None:
         cfg["embed_dim"] = cfg["dim"]
+    if cfg["condition"] not in CONDITIONS:
+        raise ValueError(f"explainer condition {cfg['condition']!r}: expected one of {list(CONDITIONS)}")
+    classifier_rows = None
+    if cfg["condition"] == "classifier":
+        if target is None:
+            raise ValueError("explainer condition 'classifier' needs the target model (target=...)")
+        classifier_rows = classifier_weight_rows(target)
+        if classifier_rows.shape[0] != cfg["num_classes"]:
+            raise ValueError(f"explainer condition 'classifier': the target's classifier has "
+                             f"{classifier_rows.shape[0]} class rows, the explainer {cfg['num_classes']} classes")
 
     backbone_spec = cfg["backbone"]
     if backbone_spec == "target":
@@ -382,6 +417,7 @@ def _build(config: dict, target: TargetModel | None, load_backbone_weights: bool
         dim=cfg["dim"],
         embed_dim=cfg["embed_dim"],
         head_dim=cfg["head_dim"],
+        classifier_rows=classifier_rows,
     )
     return Explainer(backbone, decoder, frozen=cfg["frozen"], config=cfg)
 

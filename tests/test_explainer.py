@@ -28,7 +28,10 @@ TIMM_VIT_DYNAMIC = {
     "blocks": [0, 1, 2, 3],
     "model_kwargs": {"img_size": 32, "patch_size": 4, "depth": 4, "dynamic_img_size": True},
 }
-CONFIGS = {"target": TARGET_LAYERS, "cnn": TIMM_CNN, "vit": TIMM_VIT, "vit_dynamic": TIMM_VIT_DYNAMIC}
+# Conditioned on the target's classifier rows instead of a learnt embedding per class id.
+TARGET_LAYERS_ROWS = {**TARGET_LAYERS, "condition": "classifier"}
+CONFIGS = {"target": TARGET_LAYERS, "cnn": TIMM_CNN, "vit": TIMM_VIT, "vit_dynamic": TIMM_VIT_DYNAMIC,
+           "target_rows": TARGET_LAYERS_ROWS}
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +87,9 @@ def test_gradients_reach_decoder_not_frozen_backbone(target, name):
         assert param.grad is not None, param_name
         assert torch.isfinite(param.grad).all(), param_name
     assert explainer.decoder.out.weight.grad.abs().sum() > 0
-    assert explainer.decoder.class_embed.weight.grad.abs().sum() > 0
+    condition = explainer.decoder.class_embed
+    condition_weight = condition.project.weight if name == "target_rows" else condition.weight
+    assert condition_weight.grad.abs().sum() > 0
     assert all(p.grad is None and not p.requires_grad for p in explainer.backbone.parameters())
     assert all(p.grad is None for p in target.parameters())
     # A frozen backbone stays in eval mode (BatchNorm statistics untouched) while training.
@@ -105,7 +110,7 @@ def test_target_backbone_cannot_be_trainable(target):
         make("target", target, frozen=False)
 
 
-@pytest.mark.parametrize("name", ["target", "vit"])
+@pytest.mark.parametrize("name", ["target", "vit", "target_rows"])
 def test_class_conditioning_changes_map(target, name):
     explainer = make(name, target).eval()
     images = torch.rand(1, 3, 32, 32).expand(2, -1, -1, -1)
@@ -131,7 +136,7 @@ def test_config_errors(target):
         build_explainer({**TIMM_CNN, "num_classes": None})
 
 
-@pytest.mark.parametrize("name", ["target", "cnn", "vit"])
+@pytest.mark.parametrize("name", ["target", "cnn", "vit", "target_rows"])
 def test_save_load_round_trip(tmp_path, target, name):
     explainer = make(name, target)
     # A few training steps so BatchNorm statistics and weights differ from a fresh build.
@@ -154,8 +159,8 @@ def test_save_load_round_trip(tmp_path, target, name):
         assert torch.equal(explainer(images, targets), loaded(images, targets))
 
     weights = load_file(str(tmp_path / "explainer" / "model.safetensors"))
-    if name == "target":
-        # The target's weights are not the explainer's to store.
+    if name.startswith("target"):
+        # The target's weights (its classifier rows included) are not the explainer's to store.
         assert all(k.startswith("decoder.") for k in weights)
     else:
         assert any(k.startswith("backbone.") for k in weights)
@@ -240,3 +245,51 @@ def test_target_backbone_reads_a_vit_targets_blocks():
     moved = (before - after).abs().amax(dim=(0, 1))
     assert moved[0, 0] > 0 and (moved.flatten()[1:] == 0).all()
     assert features.shape == (2, 192, 8, 8)
+
+
+def test_classifier_rows_condition_every_class_from_the_target(target):
+    """A class's condition is its classifier row, projected: a class training never saw still
+    gets a condition the target defines, and two classes the target treats alike are alike."""
+    explainer = make("target_rows", target).eval()
+    rows = target.net.linear.weight
+    assert torch.equal(explainer.decoder.class_embed.rows, torch.nn.functional.normalize(rows, dim=1))
+    images = torch.rand(1, 3, 32, 32).expand(3, -1, -1, -1)
+    with torch.no_grad():
+        before = explainer(images, torch.tensor([0, 1, 2]))
+        original = rows.clone()
+        try:
+            rows[2] = 3.0 * rows[1]  # class 2 now points where class 1 does (its norm does not matter)
+            after = make("target_rows", target).eval()(images, torch.tensor([0, 1, 2]))
+        finally:
+            rows.copy_(original)
+    assert torch.allclose(after[1], after[2])
+    assert not torch.allclose(before[1], before[2])
+    assert torch.equal(after[0], before[0])
+
+
+def test_classifier_rows_of_a_model_with_a_background_logit():
+    from l2r.classifier import TargetModel, classifier_weight_rows
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Conv2d(8, 6, 1), torch.nn.Flatten())
+    target = TargetModel(net, [0.5] * 3, [0.5] * 3, (16, 16), num_classes=5, background_logit=True)
+    rows = classifier_weight_rows(target)
+    assert torch.equal(rows, net[2].weight.flatten(1)[1:])
+    explainer = build_explainer({"backbone": "target", "layers": ["0"], "dim": 8, "head_dim": 4,
+                                 "condition": "classifier"}, target=target)
+    assert explainer(torch.rand(2, 3, 16, 16), torch.tensor([0, 4])).shape == (2, 1, 16, 16)
+
+
+def test_classifier_rows_condition_errors(target):
+    from l2r.classifier import TargetModel
+
+    with pytest.raises(ValueError, match="condition 'attention'"):
+        make("target", target, condition="attention")
+    with pytest.raises(ValueError, match="needs the target"):
+        build_explainer({**TIMM_CNN, "condition": "classifier"})
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    no_classifier = TargetModel(net, [0.5] * 3, [0.5] * 3, (8, 8), num_classes=4)
+    with pytest.raises(ValueError, match="condition 'embedding'"):
+        build_explainer({"backbone": "target", "layers": ["0"], "dim": 8, "head_dim": 4,
+                         "condition": "classifier"}, target=no_classifier)
