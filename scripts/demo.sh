@@ -11,7 +11,7 @@ RUNS=${L2R_RUNS:-$PWD/runs}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/pip" install -qq -c scripts/constraints.txt -e ".[baselines]"  # -qq: errors only
 export RAY_USAGE_STATS_ENABLED=0
-# The demo's Ray is a throwaway local instance on this machine: no token to set up.
-export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+# The demo's Ray is a local instance with Ray's token authentication (on by default; Ray writes
+# the token to ~/.ray/auth_token): nothing to set up, and no other program can submit jobs to it.
 
 "$VENV/bin/python" jobs/demo.py --storage "$RUNS" "$@"
