@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest_ray import ray_local  # noqa: F401  (a fixture)
+from tests.conftest_ray import another_ray, ray_local  # noqa: F401  (fixtures)
 
 torch.set_num_threads(1)
 
@@ -33,6 +33,11 @@ def use_suite_token() -> None:
 
 
 use_suite_token()
+# Ray's address file of the suite's own (pipeline/ray_connect.py reads <RAY_TMPDIR>/ray/ray_current_cluster):
+# a job under test never joins a `ray start` cluster that happens to run on the machine. Short: Ray's
+# socket paths under it have a length limit.
+os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="l2rt_", dir="/tmp")
+atexit.register(shutil.rmtree, os.environ["RAY_TMPDIR"], True)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

@@ -45,7 +45,8 @@ class RayNode:
     """One Ray node: a head (``head_address=None``) or a node joining ``head_address``."""
 
     def __init__(self, cwd, head_address: str | None = None, cpus: int = 2, resources: dict | None = None,
-                 dashboard: bool = False):
+                 dashboard: bool = False, ports: dict | None = None):
+        """``ports``: fixed ports by option name (e.g. ``{"dashboard-port": 8265}``); the others are free ones."""
         # Short: Ray's socket paths have a length limit.
         self.temp_dir = tempfile.mkdtemp(prefix="l2rray_", dir="/tmp")
         # Its own model cache too (l2r.target_record.fetch): a node downloads what it uses.
@@ -56,7 +57,7 @@ class RayNode:
                  "dashboard-agent-listen-port", "dashboard-agent-grpc-port"]
         if head_address is None:
             names += ["port", "ray-client-server-port", "dashboard-port"]
-        self.ports = {name: free_port() for name in names}
+        self.ports = {name: free_port() for name in names} | (ports or {})
         command = [RAY, "start", "--block", f"--num-cpus={cpus}", "--disable-usage-stats",
                    f"--temp-dir={self.temp_dir}"] + [f"--{k}={v}" for k, v in self.ports.items()]
         if resources:

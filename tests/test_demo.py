@@ -21,7 +21,7 @@ def demo(storage):
 
 
 @pytest.mark.slow
-def test_demo_writes_every_artifact_reads_quietly_and_reuses_its_work(tmp_path):
+def test_demo_writes_every_artifact_reads_quietly_and_reuses_its_work(tmp_path, another_ray):
     done = demo(tmp_path)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-5000:]

@@ -26,7 +26,7 @@ def test_answers_tells_a_listening_port_from_a_closed_one():
 
 
 @pytest.fixture
-def ray_tmpdir():
+def ray_tmpdir(another_ray):
     """A Ray default temp dir of the test's own (short: Ray's socket paths have a length limit)."""
     folder = tempfile.mkdtemp(prefix="l2rrc_", dir="/tmp")
     yield Path(folder)
