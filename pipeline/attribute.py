@@ -280,6 +280,7 @@ def run_attribution(config: AttributeConfig, log: Callable[[str], None] | None =
     run_stats = Stats(config.methods)
     run_started = time.perf_counter()
     first_batch = None  # start-up (actors, model loading, first read) ends with the first summary
+    actor_restarts = 0  # actors Ray restarted after they died; their batches were retried
     if todo:
         settings = {
             "device": plan["device"],
@@ -338,6 +339,10 @@ def run_attribution(config: AttributeConfig, log: Callable[[str], None] | None =
                 if first_batch is None:
                     first_batch = time.perf_counter()
                 for row in summaries.to_pylist():
+                    if row["actor_restarts"]:
+                        actor_restarts += row["actor_restarts"]
+                        log(f"warning: an attribution actor died (killed for memory?) and was restarted; "
+                            f"its batches were redone ({actor_restarts} restart(s) so far)")
                     part_stats = json.loads(row["stats"])
                     shards.add_part(row["source"], row["part"], part_stats)
                     run_stats.add(part_stats)
@@ -365,11 +370,12 @@ def run_attribution(config: AttributeConfig, log: Callable[[str], None] | None =
         "seconds": seconds,
         "images_per_s": run_stats.images / seconds if seconds > 0 and run_stats.images else 0.0,
         "startup_seconds": (first_batch - run_started) if first_batch is not None else None,
+        "actor_restarts": actor_restarts,
         "methods": stats.means(),
     }
     manifest.update(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), summary=summary,
                     counts={"images_in": stats.images, "rows_out": stats.rows, "images_errored": stats.errors,
-                            "rows_errored": stats.error_rows},
+                            "rows_errored": stats.error_rows, "actor_restarts_this_run": actor_restarts},
                     shards={url: shard_log.get(url) for url in urls})
     output.write_json(output.manifest_url, manifest)
     log(format_summary(summary))

@@ -287,6 +287,7 @@ class AttributionWorker:
     rows to the output itself and returns their summaries (``pipeline.results.PART_SUMMARY``)."""
 
     def __init__(self, settings: dict):
+        import ray
         import torch
 
         settings = dict(settings)
@@ -295,6 +296,12 @@ class AttributionWorker:
         self.attributor = Attributor(settings)
         self.output = Output(settings["output"], settings.get("storage_options"))
         self.names = settings["names"]
+        # Ray Data restarts an actor that died (killed for memory, say) and retries its batches on it;
+        # the actor's next summary says so, and the manifest counts it.
+        self.restarts = int(ray.get_runtime_context().was_current_actor_reconstructed)
 
     def __call__(self, batch: dict) -> pa.Table:
-        return write_parts(self.output, self.names, self.attributor(batch))
+        summaries = write_parts(self.output, self.names, self.attributor(batch), actor_restarts=self.restarts)
+        if summaries.num_rows:
+            self.restarts = 0
+        return summaries

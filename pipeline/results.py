@@ -172,11 +172,12 @@ def _parquet_bytes(tables: list[pa.Table]) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def write_parts(output: Output, names: dict[str, str], table: pa.Table) -> pa.Table:
+def write_parts(output: Output, names: dict[str, str], table: pa.Table, actor_restarts: int = 0) -> pa.Table:
     """Write a batch's rows as one part file per shard they belong to; returns the summaries
-    (one row per part: source, part URL, rows, stats as JSON) that go back to the driver."""
+    (one row per part: source, part URL, rows, stats as JSON, and on the first row the restarts of
+    the actor that wrote them) that go back to the driver."""
     methods = list(dict.fromkeys(table.column("method").to_pylist()))
-    summary = {"source": [], "part": [], "rows": [], "stats": []}
+    summary = {"source": [], "part": [], "rows": [], "stats": [], "actor_restarts": []}
     for source, part in split_by_source(table):
         url = storage.join(output.parts_url(names[source]), f"{uuid.uuid4().hex}.parquet")
         storage.write_bytes(url, _parquet_bytes([part]), output.storage_options, output.filesystem)
@@ -186,11 +187,12 @@ def write_parts(output: Output, names: dict[str, str], table: pa.Table) -> pa.Ta
         summary["part"].append(url)
         summary["rows"].append(part.num_rows)
         summary["stats"].append(json.dumps(stats.to_dict()))
+        summary["actor_restarts"].append(0 if summary["actor_restarts"] else actor_restarts)
     return pa.table(summary, schema=PART_SUMMARY)
 
 
 PART_SUMMARY = pa.schema([("source", pa.string()), ("part", pa.string()), ("rows", pa.int64()),
-                          ("stats", pa.string())])
+                          ("stats", pa.string()), ("actor_restarts", pa.int64())])
 
 
 CONTROLS_KEY = b"l2r.controls"  # Parquet metadata: the methods that are controls (l2r.methods)
