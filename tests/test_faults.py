@@ -65,3 +65,124 @@ def test_an_attribution_actor_killed_mid_batch_is_restarted_and_its_batches_redo
     assert manifest["counts"]["actor_restarts_this_run"] >= 1, manifest["counts"]
     assert any("was restarted" in line for line in lines), lines
     assert not (output / "parts").exists() or not list((output / "parts").rglob("*"))  # no part left behind
+
+
+# ---------------------------------------------------------------- an object store failing for a while
+
+
+class FlakyFilesystem:
+    """An fsspec filesystem whose calls fail for a while: of its first calls, a seeded share raise
+    ConnectionError (``where="call"``) or, for writes, fail when the upload completes (``where="close"``),
+    until ``failures`` have failed; then it is the real filesystem behind it."""
+
+    CALLS = ("open", "exists", "ls", "rm", "info", "cat_file")
+
+    def __init__(self, inner, failures: int, share: float = 0.5, where: str = "call", seed: int = 0):
+        import random
+
+        self.inner, self.left, self.share, self.where = inner, failures, share, where
+        self.random = random.Random(seed)
+        self.failed = self.calls = 0
+
+    def _fail_now(self) -> bool:
+        if self.left > 0 and self.random.random() < self.share:
+            self.left -= 1
+            self.failed += 1
+            return True
+        return False
+
+    def __getattr__(self, name):
+        attribute = getattr(self.inner, name)
+        if name not in self.CALLS:
+            return attribute
+
+        def call(*args, **kwargs):
+            self.calls += 1
+            writing = name == "open" and "w" in (args[1] if len(args) > 1 else kwargs.get("mode", "rb"))
+            if self.where == "close" and writing:
+                f = attribute(*args, **kwargs)
+                if self._fail_now():
+                    def interrupted():  # the upload never completes; once (__del__ closes again)
+                        f.discard()
+                        f.close = lambda: None
+                        raise ConnectionError("injected: upload interrupted")
+
+                    f.close = interrupted
+                return f
+            if self.where == "call" and self._fail_now():
+                raise ConnectionError(f"injected: {name} failed")
+            return attribute(*args, **kwargs)
+
+        return call
+
+
+def test_an_object_store_failing_calls_for_a_while_is_retried_then_named(s3_server, monkeypatch):
+    from l2r import storage
+
+    fs, _ = s3_server
+    monkeypatch.setattr(storage, "RETRY_FIRST_WAIT_S", 0.01)
+    fs.mkdir("flaky")
+    flaky = FlakyFilesystem(fs, failures=8, share=0.5)
+    url = "s3://flaky/run/parts/a.parquet"
+    storage.write_bytes(url, b"x" * 5000, filesystem=flaky)
+    storage.write_json("s3://flaky/run/done/a.json", {"rows": 3}, filesystem=flaky)
+    assert storage.read_bytes(url, filesystem=flaky) == b"x" * 5000
+    assert storage.read_json("s3://flaky/run/done/a.json", filesystem=flaky) == {"rows": 3}
+    assert storage.exists(url, filesystem=flaky)
+    assert storage.listing("s3://flaky/run/parts", filesystem=flaky) == [url]
+    storage.remove("s3://flaky/run/parts", recursive=True, filesystem=flaky)
+    assert not fs.exists("flaky/run/parts/a.parquet")
+    assert flaky.failed >= 4, flaky.failed  # failures happened and were absorbed
+
+    # Uploads that break at the end: retried, and the object is whole.
+    closing = FlakyFilesystem(fs, failures=2, share=1.0, where="close")
+    storage.write_bytes("s3://flaky/run/parquet/b.parquet", b"y" * 7000, filesystem=closing)
+    assert closing.failed == 2 and fs.cat("flaky/run/parquet/b.parquet") == b"y" * 7000
+
+    # A store that stays down: a bounded number of tries, then an error naming the URL; the committed
+    # file keeps its earlier content (never half a file).
+    down = FlakyFilesystem(fs, failures=10**6, share=1.0, where="close")
+    with pytest.raises(storage.StorageUnavailable, match=r"writing s3://flaky/run/parquet/b\.parquet: failed 5 times"):
+        storage.write_bytes("s3://flaky/run/parquet/b.parquet", b"z" * 9000, filesystem=down)
+    assert down.failed == storage.RETRY_ATTEMPTS
+    fs.invalidate_cache()
+    assert fs.cat("flaky/run/parquet/b.parquet") == b"y" * 7000
+    # Not transient: not retried.
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes("s3://flaky/run/absent.json", filesystem=FlakyFilesystem(fs, failures=0))
+
+
+def test_the_s3_server_stopped_and_restarted_mid_write(monkeypatch):
+    """The real loopback S3 server goes away and comes back on its port: the write waits it out."""
+    from moto.server import ThreadedMotoServer
+
+    s3fs = pytest.importorskip("s3fs")
+    from l2r import storage
+    from tests.conftest import free_port
+
+    monkeypatch.setattr(storage, "RETRY_FIRST_WAIT_S", 0.25)  # 0.25 + 0.5 + 1 + 2 s of waits at most
+    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)  # s3fs's own retries of a call, as botocore's below
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    # botocore tries once per call: the retries under test are the storage helper's own.
+    options = {"key": "testing", "secret": "testing", "skip_instance_cache": True,
+               "config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}, "connect_timeout": 2},
+               "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
+    try:
+        s3fs.S3FileSystem(**options).mkdir("restart")
+        storage.write_bytes("s3://restart/manifest.json", b"first", options)
+        server.stop()
+        restarted = threading.Timer(1.0, server.start)
+        restarted.start()
+        storage.write_bytes("s3://restart/manifest.json", b"second", options)  # while the server is down
+        restarted.join()
+        assert storage.read_bytes("s3://restart/manifest.json", options) == b"second"
+
+        server.stop()  # now for good
+        with pytest.raises(storage.StorageUnavailable, match=r"writing s3://restart/manifest\.json: failed 5 times"):
+            storage.write_bytes("s3://restart/manifest.json", b"third, never committed", options)
+        server.start()
+        assert storage.read_bytes("s3://restart/manifest.json", options) == b"second"
+    finally:
+        server.stop()
