@@ -19,6 +19,7 @@ not retried: a full disk or a missing file is not transient.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import time
@@ -30,6 +31,8 @@ RETRY_FIRST_WAIT_S = 0.5  # then 1, 2, 4 s: about 7.5 s of waiting before giving
 PERMANENT_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError,
                     ValueError, TypeError, KeyError)
 
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+
 
 class StorageUnavailable(OSError):
     """An object-store call that kept failing after its retries; the message names the URL."""
@@ -37,7 +40,7 @@ class StorageUnavailable(OSError):
 
 def _transient(error: BaseException) -> bool:
     """Connection errors, timeouts and server errors of object-store clients (s3fs, gcsfs, botocore, aiohttp)."""
-    if isinstance(error, PERMANENT_ERRORS):
+    if isinstance(error, PERMANENT_ERRORS) or getattr(error, "errno", None) in FULL_DISK:
         return False
     module = type(error).__module__.split(".")[0]
     return isinstance(error, OSError) or module in ("botocore", "aiohttp", "urllib3", "requests", "google")
@@ -122,6 +125,10 @@ def atomic_writer(url, storage_options: dict | None = None, filesystem=None):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as error:
+            if error.errno in FULL_DISK and not error.filename:  # a write or fsync: say which file
+                raise OSError(error.errno, error.strerror, path) from error
+            raise
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)

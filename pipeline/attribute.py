@@ -352,8 +352,12 @@ def run_attribution(config: AttributeConfig, log: Callable[[str], None] | None =
                 progress.update(run_stats.images, errors=run_stats.errors, shard=f"{shards.current + 1}/{len(todo)}")
             shards.finish()
             progress.update(run_stats.images, force=True, errors=run_stats.errors, shard=f"{len(todo)}/{len(todo)}")
-        except BaseException:
+        except BaseException as error:
             shards.abandon()
+            if getattr(error, "errno", None) in storage.FULL_DISK:
+                raise OSError(error.errno, f"{error.strerror or 'No space left on device'} under the output "
+                              f"{config.output} ({error}); the {skipped + shards.committed} finished shard(s) are "
+                              "kept: free space and rerun to finish the rest") from error
             raise
     seconds = time.perf_counter() - run_started
     stats.add(run_stats.to_dict())

@@ -186,3 +186,61 @@ def test_the_s3_server_stopped_and_restarted_mid_write(monkeypatch):
         assert storage.read_bytes("s3://restart/manifest.json", options) == b"second"
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------- a full disk under a local --output
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs of the test's own (needs the right to mount, as root in CI and here)."""
+    import subprocess
+
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    """Write zeros into ``folder`` until its filesystem is full."""
+    import errno
+
+    filler = folder / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError as error:
+            assert error.errno == errno.ENOSPC
+    return filler
+
+
+def test_a_full_disk_under_the_output_is_named_keeps_finished_shards_and_a_rerun_completes(ray_local, assets,
+                                                                                             small_disk):
+    output = small_disk / "out"
+    cfg = config(assets, output, methods="l2r,random", batch_size=2)
+    filled = []
+
+    def log(line):  # the driver logs each committed shard: the disk fills up after the first one
+        if "] train-0000:" in line and not filled:
+            filled.append(fill(small_disk))
+
+    with pytest.raises(OSError, match=r"No space left on device") as raised:
+        att.run_attribution(cfg, log=log)
+    assert filled, "the disk was never filled: the test did not test a full disk"
+    assert str(output) in str(raised.value)
+    assert (output / "done" / "train-0000.json").exists() and (output / "parquet" / "train-0000.parquet").exists()
+
+    filled[0].unlink()  # space again
+    summary = att.run_attribution(cfg, log=lambda line: None)
+    assert summary["shards_skipped"] >= 1 and summary["shards_skipped"] + summary["shards_done"] == 4
+    keys_once(assets, output, ["l2r", "random"])
+    assert not list(output.rglob(".*.tmp-*"))  # no temporary file left behind
