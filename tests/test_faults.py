@@ -244,3 +244,54 @@ def test_a_full_disk_under_the_output_is_named_keeps_finished_shards_and_a_rerun
     assert summary["shards_skipped"] >= 1 and summary["shards_skipped"] + summary["shards_done"] == 4
     keys_once(assets, output, ["l2r", "random"])
     assert not list(output.rglob(".*.tmp-*"))  # no temporary file left behind
+
+
+# ---------------------------------------------------------------- the driver killed while a shard is merged
+
+
+def test_the_driver_killed_while_a_shard_is_merged_then_a_rerun_gives_each_key_once(ray_local, assets, tmp_path):
+    import subprocess
+    import sys
+    import tempfile
+
+    from jobs.attribute import main
+    from tests.ray_nodes import ray_env
+    from tests.test_attribute import job_args
+
+    output = tmp_path / "out"
+    ray_tmpdir = tempfile.mkdtemp(prefix="l2rkd_", dir="/tmp")  # the driver's own Ray, found and ended below
+    log = open(tmp_path / "driver.log", "w+")
+    # One actor: the driver's own Ray has the machine's 2 CPUs, and its read tasks need one.
+    args = job_args(assets, output, methods="l2r,random", extra=("--actors", "1"))
+    driver = subprocess.Popen([sys.executable, "jobs/attribute.py", *args], cwd=Path(__file__).resolve().parents[1],
+                              env={**ray_env(), "RAY_TMPDIR": ray_tmpdir}, stdout=log, stderr=subprocess.STDOUT)
+    merging = None
+    try:
+        deadline = time.time() + 240
+        while merging is None and driver.poll() is None and time.time() < deadline:
+            merging = next(iter(processes_mentioning("ray::merge_parts")), None)
+            time.sleep(0.002)
+        if merging is not None:
+            driver.kill()  # SIGKILL, while a merge task runs
+        driver.wait(timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        for pid in processes_mentioning(ray_tmpdir):  # what of the driver's Ray outlived it
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log.seek(0)
+        text = log.read()
+        log.close()
+    assert merging is not None, f"the job ended before a merge was seen:\n{text[-3000:]}"
+    assert driver.returncode == -signal.SIGKILL
+    finished = {p.stem for p in (output / "done").glob("*.json")} if (output / "done").exists() else set()
+    assert len(finished) < 4, "every shard was marked: the kill came too late to test anything"
+
+    summary = main(args)
+    assert summary["shards_skipped"] == len(finished) and summary["shards_done"] == 4 - len(finished)
+    keys_once(assets, output, ["l2r", "random"])
+    assert not (output / "parts").exists() or not list((output / "parts").rglob("*"))  # no part left behind
+    assert not list(output.rglob(".*.tmp-*"))  # nor a half-written file
