@@ -42,6 +42,7 @@ def keys_once(assets, output, methods):
     assert len(seen) == len(methods) * len(expected_keys(assets, ALL_SHARDS))
 
 
+@pytest.mark.slow
 def test_an_attribution_actor_killed_mid_batch_is_restarted_and_its_batches_redone(ray_local, assets, tmp_path):
     output = tmp_path / "out"
     lines = []
@@ -223,6 +224,7 @@ def fill(folder: Path) -> Path:
     return filler
 
 
+@pytest.mark.slow
 def test_a_full_disk_under_the_output_is_named_keeps_finished_shards_and_a_rerun_completes(ray_local, assets,
                                                                                              small_disk):
     output = small_disk / "out"
@@ -249,6 +251,7 @@ def test_a_full_disk_under_the_output_is_named_keeps_finished_shards_and_a_rerun
 # ---------------------------------------------------------------- the driver killed while a shard is merged
 
 
+@pytest.mark.slow
 def test_the_driver_killed_while_a_shard_is_merged_then_a_rerun_gives_each_key_once(ray_local, assets, tmp_path):
     import subprocess
     import sys
@@ -295,3 +298,57 @@ def test_the_driver_killed_while_a_shard_is_merged_then_a_rerun_gives_each_key_o
     keys_once(assets, output, ["l2r", "random"])
     assert not (output / "parts").exists() or not list((output / "parts").rglob("*"))  # no part left behind
     assert not list(output.rglob(".*.tmp-*"))  # nor a half-written file
+
+
+# ---------------------------------------------------------------- a training worker killed between checkpoints
+
+
+@pytest.mark.slow
+def test_a_training_worker_killed_between_checkpoints_resumes_from_the_last_one(ray_local, tmp_path):
+    from pipeline import config as C
+    from pipeline import train as T
+    from tests.test_train import DEMO, TINY
+
+    sets = TINY + ["run.max_failures=1", "train.report_every=2"]
+    HEALTH_CHECK_S = 2.0  # Ray Train V2's DEFAULT_HEALTH_CHECK_INTERVAL_S
+    cfg = C.load_config(DEMO, sets, {"storage": str(tmp_path), "name": "killed", "workers": 1, "steps": 24,
+                                     "batch_size": 4, "checkpoint_every": 8, "val_every": 0})
+    metrics_file = tmp_path / "killed" / "metrics.jsonl"
+    thread, result = run_in_thread(T.run, cfg, verbose=False)
+
+    def steps():
+        try:
+            return [json.loads(line)["step"] for line in metrics_file.read_text().splitlines() if line.strip()]
+        except FileNotFoundError:
+            return []
+
+    killed, last_checkpoint, checkpoint_seen = None, None, None
+    deadline = time.time() + 400
+    while killed is None and thread.is_alive() and time.time() < deadline:
+        reported = steps()
+        if reported and reported[-1] % 8 == 0 and reported[-1] != last_checkpoint:
+            last_checkpoint, checkpoint_seen = reported[-1], time.time()
+        # Between two checkpoints, once Ray Train has taken the last one in: its controller collects a
+        # worker's reports every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s); a checkpoint reported less
+        # than that before the worker dies is not registered, and the run resumes from the one before.
+        if (last_checkpoint and reported[-1] % 8 and reported[-1] < 20
+                and time.time() - checkpoint_seen > 2 * HEALTH_CHECK_S):
+            workers = processes_mentioning("RayTrainWorker")
+            if workers:
+                killed = workers[0]
+                os.kill(killed, signal.SIGKILL)  # what the kernel's out-of-memory killer sends
+        time.sleep(0.1)
+    thread.join(timeout=400)
+    assert killed is not None, f"no worker killed between checkpoints (reported {steps()}): {result}"
+    assert "error" not in result, result.get("error")
+    metrics = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    assert metrics[-1]["step"] == 24
+    resumed = {m["resumed_from"] for m in metrics} - {0}
+    assert resumed == {last_checkpoint}, [(m["step"], m["resumed_from"]) for m in metrics]
+    # The restarted worker went on from the checkpoint's step, not from the start.
+    first_resumed = next(i for i, m in enumerate(metrics) if m["resumed_from"])
+    assert metrics[first_resumed]["step"] == last_checkpoint + 2
+    from l2r.artifact import load_artifact
+
+    _, _, _, metadata = load_artifact(result["value"])
+    assert metadata["steps"] == 24
