@@ -148,7 +148,10 @@ class Attributor:
         errors = [None if e is None else str(e) for e in batch["error"]]
         n = len(keys)
         if self.protocol.target == "ground_truth":
-            errors = [e if e is not None or labels[i] >= 0 else "missing label: target rule 'ground_truth' needs a .cls member"
+            classes = self.target.num_classes
+            errors = [e if e is not None else
+                      "missing label: target rule 'ground_truth' needs a .cls member" if labels[i] < 0 else
+                      f"label {labels[i]} out of range: the target has {classes} classes" if labels[i] >= classes else None
                       for i, e in enumerate(errors)]
         valid = np.array([e is None for e in errors], dtype=bool)
         idx = np.flatnonzero(valid)
