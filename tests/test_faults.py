@@ -34,6 +34,15 @@ def run_in_thread(function, *args, **kwargs):
     return thread, result
 
 
+def kill_one(name: str) -> int | None:
+    """SIGKILL, as the kernel's out-of-memory killer sends it, the first process whose command line
+    has ``name`` (Ray names a worker's process after its actor or task); its pid, or None."""
+    pids = processes_mentioning(name)
+    if pids:
+        os.kill(pids[0], signal.SIGKILL)
+    return pids[0] if pids else None
+
+
 def keys_once(assets, output, methods):
     rows = att.read_results(str(output)).to_pylist()
     seen = [(r["source"], r["key"], r["method"]) for r in rows]
@@ -51,11 +60,8 @@ def test_an_attribution_actor_killed_mid_batch_is_restarted_and_its_batches_redo
     killed = None
     deadline = time.time() + 240
     while killed is None and thread.is_alive() and time.time() < deadline:
-        parts = list((output / "parts").rglob("*.parquet")) if (output / "parts").exists() else []
-        actors = processes_mentioning("AttributionWorker")
-        if parts and actors:
-            killed = actors[0]
-            os.kill(killed, signal.SIGKILL)  # what the kernel's out-of-memory killer sends
+        if (output / "parts").exists() and list((output / "parts").rglob("*.parquet")):
+            killed = kill_one("AttributionWorker")  # mid-run: its first batches are written
         time.sleep(0.05)
     thread.join(timeout=300)
     assert killed is not None, f"no actor to kill while the job ran: {result}"
@@ -333,10 +339,7 @@ def test_a_training_worker_killed_between_checkpoints_resumes_from_the_last_one(
         # than that before the worker dies is not registered, and the run resumes from the one before.
         if (last_checkpoint and reported[-1] % 8 and reported[-1] < 20
                 and time.time() - checkpoint_seen > 2 * HEALTH_CHECK_S):
-            workers = processes_mentioning("RayTrainWorker")
-            if workers:
-                killed = workers[0]
-                os.kill(killed, signal.SIGKILL)  # what the kernel's out-of-memory killer sends
+            killed = kill_one("RayTrainWorker")
         time.sleep(0.1)
     thread.join(timeout=400)
     assert killed is not None, f"no worker killed between checkpoints (reported {steps()}): {result}"

@@ -21,6 +21,7 @@ import yaml
 from l2r.images import ImageDecodeError, decode_image
 from pipeline.data import MAX_MEMBER_BYTES, expand_urls, iter_shard
 from tests.helpers import png_bytes, write_tar
+from tests.test_report import results  # noqa: F401  (a fixture: a results folder made without Ray)
 
 SIZE = 16
 
@@ -245,6 +246,3 @@ def test_keys_and_class_names_with_html_are_escaped_in_the_report(results, tmp_p
         if name.endswith((".md", ".json")):
             text = Path(path).read_text()
             assert "<script>alert" not in text or name.endswith(".json"), name  # JSON holds the text as data
-
-
-from tests.test_report import results  # noqa: E402,F401  (a fixture: a results folder made without Ray)
