@@ -232,6 +232,7 @@ def run_attribution(config: AttributeConfig, log: Callable[[str], None] | None =
     if config.overwrite:
         output.remove_all()
     output.clean_temporary()
+    output.clear_actor_starts()  # an interrupted run's
 
     stats = Stats(config.methods)
     todo, skipped = [], 0
@@ -339,10 +340,6 @@ def run_attribution(config: AttributeConfig, log: Callable[[str], None] | None =
                 if first_batch is None:
                     first_batch = time.perf_counter()
                 for row in summaries.to_pylist():
-                    if row["actor_restarts"]:
-                        actor_restarts += row["actor_restarts"]
-                        log(f"warning: an attribution actor died (killed for memory?) and was restarted; "
-                            f"its batches were redone ({actor_restarts} restart(s) so far)")
                     part_stats = json.loads(row["stats"])
                     shards.add_part(row["source"], row["part"], part_stats)
                     run_stats.add(part_stats)
@@ -351,12 +348,18 @@ def run_attribution(config: AttributeConfig, log: Callable[[str], None] | None =
                     progress.total = round(shards.committed_images / shards.committed * len(todo))
                 progress.update(run_stats.images, errors=run_stats.errors, shard=f"{shards.current + 1}/{len(todo)}")
             shards.finish()
+            actor_restarts = max(0, output.actor_starts() - plan["actors"])
+            output.clear_actor_starts()
+            if actor_restarts:
+                log(f"warning: {actor_restarts} attribution actor(s) died (killed for memory?) and were restarted; "
+                    "their batches were redone")
             progress.update(run_stats.images, force=True, errors=run_stats.errors, shard=f"{len(todo)}/{len(todo)}")
         except BaseException as error:
             shards.abandon()
-            if getattr(error, "errno", None) in storage.FULL_DISK:
-                raise OSError(error.errno, f"{error.strerror or 'No space left on device'} under the output "
-                              f"{config.output} ({error}); the {skipped + shards.committed} finished shard(s) are "
+            full = _full_disk(error)
+            if full is not None:
+                raise OSError(full.errno, f"{full.strerror or 'No space left on device'} under the output "
+                              f"{config.output} ({full}); the {skipped + shards.committed} finished shard(s) are "
                               "kept: free space and rerun to finish the rest") from error
             raise
     seconds = time.perf_counter() - run_started
@@ -384,6 +387,17 @@ def run_attribution(config: AttributeConfig, log: Callable[[str], None] | None =
     output.write_json(output.manifest_url, manifest)
     log(format_summary(summary))
     return summary
+
+
+def _full_disk(error: BaseException | None) -> OSError | None:
+    """The full-disk OSError behind ``error`` (Ray wraps a task's exception, and Ray Data wraps it again)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if getattr(error, "errno", None) in storage.FULL_DISK:
+            return error
+        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
+    return None
 
 
 class _ShardTracker:

@@ -290,7 +290,6 @@ class AttributionWorker:
     rows to the output itself and returns their summaries (``pipeline.results.PART_SUMMARY``)."""
 
     def __init__(self, settings: dict):
-        import ray
         import torch
 
         settings = dict(settings)
@@ -299,12 +298,9 @@ class AttributionWorker:
         self.attributor = Attributor(settings)
         self.output = Output(settings["output"], settings.get("storage_options"))
         self.names = settings["names"]
-        # Ray Data restarts an actor that died (killed for memory, say) and retries its batches on it;
-        # the actor's next summary says so, and the manifest counts it.
-        self.restarts = int(ray.get_runtime_context().was_current_actor_reconstructed)
+        # Ray Data restarts (or replaces) an actor that died, killed for memory say, and retries its
+        # batches: the driver counts starts beyond the pool's size as restarts.
+        self.output.record_actor_start()
 
     def __call__(self, batch: dict) -> pa.Table:
-        summaries = write_parts(self.output, self.names, self.attributor(batch), actor_restarts=self.restarts)
-        if summaries.num_rows:
-            self.restarts = 0
-        return summaries
+        return write_parts(self.output, self.names, self.attributor(batch))

@@ -6,6 +6,7 @@ Layout under the output URL (a local folder or any fsspec URL)::
     parquet/<shard>.parquet       one row per (image, method); read the folder with pandas/pyarrow
     done/<shard>.json             success marker, written last (rows, errors, AUC sums)
     parts/<shard>/<id>.parquet    a running shard's batches, as the workers wrote them
+    actors/<id>.json              one per actor start while a run is going (removed at its end)
 
 The workers write: each actor writes the rows of every batch it finishes as a part file of
 that batch's shard and hands back only a one-line summary (``write_parts``). When a shard is
@@ -30,6 +31,7 @@ from l2r import storage
 PARQUET_DIR = "parquet"
 DONE_DIR = "done"
 PARTS_DIR = "parts"
+ACTORS_DIR = "actors"  # one file per attribution actor start: more starts than actors = restarts
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 
@@ -139,6 +141,16 @@ class Output:
                     storage.remove(url, self.storage_options, filesystem=self.filesystem)
         storage.remove(self._path(PARTS_DIR), self.storage_options, recursive=True, filesystem=self.filesystem)
 
+    def record_actor_start(self) -> None:
+        storage.write_json(self._path(ACTORS_DIR, f"{uuid.uuid4().hex}.json"), {"pid": os.getpid()},
+                           self.storage_options, self.filesystem)
+
+    def actor_starts(self) -> int:
+        return len(storage.listing(self._path(ACTORS_DIR), self.storage_options, self.filesystem))
+
+    def clear_actor_starts(self) -> None:
+        storage.remove(self._path(ACTORS_DIR), self.storage_options, recursive=True, filesystem=self.filesystem)
+
     def names_with_parts(self) -> set[str]:
         """The shards that have a parts folder (one listing, not one request per shard)."""
         return {url.rstrip("/").rsplit("/", 1)[-1]
@@ -172,12 +184,11 @@ def _parquet_bytes(tables: list[pa.Table]) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def write_parts(output: Output, names: dict[str, str], table: pa.Table, actor_restarts: int = 0) -> pa.Table:
+def write_parts(output: Output, names: dict[str, str], table: pa.Table) -> pa.Table:
     """Write a batch's rows as one part file per shard they belong to; returns the summaries
-    (one row per part: source, part URL, rows, stats as JSON, and on the first row the restarts of
-    the actor that wrote them) that go back to the driver."""
+    (one row per part: source, part URL, rows, stats as JSON) that go back to the driver."""
     methods = list(dict.fromkeys(table.column("method").to_pylist()))
-    summary = {"source": [], "part": [], "rows": [], "stats": [], "actor_restarts": []}
+    summary = {"source": [], "part": [], "rows": [], "stats": []}
     for source, part in split_by_source(table):
         url = storage.join(output.parts_url(names[source]), f"{uuid.uuid4().hex}.parquet")
         storage.write_bytes(url, _parquet_bytes([part]), output.storage_options, output.filesystem)
@@ -187,12 +198,11 @@ def write_parts(output: Output, names: dict[str, str], table: pa.Table, actor_re
         summary["part"].append(url)
         summary["rows"].append(part.num_rows)
         summary["stats"].append(json.dumps(stats.to_dict()))
-        summary["actor_restarts"].append(0 if summary["actor_restarts"] else actor_restarts)
     return pa.table(summary, schema=PART_SUMMARY)
 
 
 PART_SUMMARY = pa.schema([("source", pa.string()), ("part", pa.string()), ("rows", pa.int64()),
-                          ("stats", pa.string()), ("actor_restarts", pa.int64())])
+                          ("stats", pa.string())])
 
 
 CONTROLS_KEY = b"l2r.controls"  # Parquet metadata: the methods that are controls (l2r.methods)
