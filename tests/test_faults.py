@@ -262,6 +262,7 @@ def test_a_full_disk_under_the_output_is_named_keeps_finished_shards_and_a_rerun
 
 @pytest.mark.slow
 def test_the_driver_killed_while_a_shard_is_merged_then_a_rerun_gives_each_key_once(ray_local, assets, tmp_path):
+    import shutil
     import subprocess
     import sys
     import tempfile
@@ -297,6 +298,7 @@ def test_the_driver_killed_while_a_shard_is_merged_then_a_rerun_gives_each_key_o
         log.seek(0)
         text = log.read()
         log.close()
+        shutil.rmtree(ray_tmpdir, ignore_errors=True)
     assert merging is not None, f"the job ended before a merge was seen:\n{text[-3000:]}"
     assert driver.returncode == -signal.SIGKILL
     finished = {p.stem for p in (output / "done").glob("*.json")} if (output / "done").exists() else set()
