@@ -51,7 +51,7 @@ MODELS = {
                   "spec": f"{SHARED / 'models' / 'mobilenet_v1.py'}:MobileNetV1",
                   "checkpoint": str(SHARED / "models" / "mobilenet_v1_0.5_160.pth"), "mean": MOBILENET_STATS,
                   "std": MOBILENET_STATS, "size": 160, "crop_pct": 0.875, "background_logit": True,
-                  "explainer": str(ROOT / "explainers" / "imagenet-sample-mobilenet")},
+                  "explainer": str(ROOT / "l2r" / "explainers" / "imagenet-sample-mobilenet")},
 }
 
 

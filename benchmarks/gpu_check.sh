@@ -19,7 +19,7 @@
 #   bash benchmarks/gpu_check.sh            # from the repository root
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled
+export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0  # Ray token auth stays on (local Ray writes ~/.ray/auth_token)
 PY=${PYTHON:-python3}
 DATA=${DATA:-../shared/data/cifar10}
 CKPT=${CKPT:-../shared/models/resnet20-12fca82f.th}

@@ -17,7 +17,7 @@
 #   CONFIG=cifar10-vit GPUS= bash benchmarks/gpu_train.sh --steps 2 ...   # on the CPU: a check of the script
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled
+export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0  # Ray token auth stays on (local Ray writes ~/.ray/auth_token)
 PY=${PYTHON:-python3}
 CONFIG=${CONFIG:?CONFIG=<a name of jobs/configs/, without .yaml>}
 OUT=${OUT:-$(mktemp -d)}

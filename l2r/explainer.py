@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from l2r.classifier import TargetModel, classifier_weight_rows, load_state_dict_checked
+from l2r.classifier import TargetModel, classifier_weight_rows, load_state_dict_checked, sha256_file
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "explainer.json"
@@ -435,7 +435,9 @@ def save_explainer(path: str | os.PathLike, explainer: Explainer, metadata: dict
     # clone(): safetensors refuses tensors that share memory.
     state = {k: v.detach().cpu().contiguous().clone() for k, v in explainer.state_dict().items()}
     save_file(state, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
-    document = {"format_version": FORMAT_VERSION, "config": explainer.config, "metadata": metadata or {}}
+    document = {"format_version": FORMAT_VERSION, "config": explainer.config, "metadata": metadata or {},
+                # Checked on load: weights changed after this was written are refused.
+                "file_sha256": {WEIGHTS_FILE: sha256_file(path / WEIGHTS_FILE)}}
     if isinstance(explainer.backbone, TargetLayersBackbone):
         target = explainer.backbone.target
         document["target"] = {
@@ -472,6 +474,10 @@ def load_explainer(path: str | os.PathLike, target: TargetModel | None = None) -
             f"{recorded['weights_sha256'][:16]}..., loading with {target.spec} weights {target.weights_sha256[:16]}...",
             stacklevel=2,
         )
+    recorded_sha = document.get("file_sha256", {}).get(WEIGHTS_FILE)  # absent in artifacts written before
+    if recorded_sha is not None and sha256_file(weights_file) != recorded_sha:
+        raise ValueError(f"{weights_file}: its sha256 differs from the one {config_file} records: the weights "
+                         "were changed after the artifact was written; refusing to load them")
     # Backbone weights come from our own file: no hub download or backbone checkpoint needed.
     explainer = _build(document["config"], target, load_backbone_weights=False)
     load_state_dict_checked(explainer, load_file(str(weights_file), device="cpu"), str(weights_file))

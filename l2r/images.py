@@ -47,6 +47,10 @@ HEATMAP_VERSION = 1
 _HEADER = struct.Struct("<4sBBII")
 # float32 keeps (N - rank) / N distinct (with margin) while the spacing 1/N is >= 2 ulps near 1.
 _MAX_HEATMAP_PIXELS = 1 << 23
+# Decoded images are resized to a few hundred pixels; a header announcing more than this (a
+# decompression bomb: a few KB of PNG that decode to gigabytes) is refused before decoding. Pillow's
+# own limit (89M pixels, an error only past twice that) still lets ~170M pixels decode.
+MAX_IMAGE_PIXELS = 40_000_000
 
 
 class ImageDecodeError(ValueError):
@@ -58,6 +62,10 @@ def _open_image(data: bytes, what: str) -> Image.Image:
         raise ImageDecodeError(f"empty {what} data")
     try:
         img = Image.open(io.BytesIO(bytes(data)), formats=ACCEPTED_FORMATS)
+        width, height = img.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise ImageDecodeError(f"{what} too large: {width}x{height} pixels announced, at most "
+                                   f"{MAX_IMAGE_PIXELS} are decoded (a decompression bomb?)")
         img.load()
     except UnidentifiedImageError:
         raise ImageDecodeError(

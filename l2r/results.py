@@ -6,6 +6,7 @@ Layout under the output URL (a local folder or any fsspec URL)::
     parquet/<shard>.parquet       one row per (image, method); read the folder with pandas/pyarrow
     done/<shard>.json             success marker, written last (rows, errors, AUC sums)
     parts/<shard>/<id>.parquet    a running shard's batches, as the workers wrote them
+    actors/<id>.json              one per actor start while a run is going (removed at its end)
 
 The workers write: each actor writes the rows of every batch it finishes as a part file of
 that batch's shard and hands back only a one-line summary (``write_parts``). When a shard is
@@ -32,6 +33,7 @@ EXPLAINER_METHOD = "l2r"
 PARQUET_DIR = "parquet"
 DONE_DIR = "done"
 PARTS_DIR = "parts"
+ACTORS_DIR = "actors"  # one file per attribution actor start: more starts than actors = restarts
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 
@@ -140,6 +142,16 @@ class Output:
                 if url.endswith(suffix):
                     storage.remove(url, self.storage_options, filesystem=self.filesystem)
         storage.remove(self._path(PARTS_DIR), self.storage_options, recursive=True, filesystem=self.filesystem)
+
+    def record_actor_start(self) -> None:
+        storage.write_json(self._path(ACTORS_DIR, f"{uuid.uuid4().hex}.json"), {"pid": os.getpid()},
+                           self.storage_options, self.filesystem)
+
+    def actor_starts(self) -> int:
+        return len(storage.listing(self._path(ACTORS_DIR), self.storage_options, self.filesystem))
+
+    def clear_actor_starts(self) -> None:
+        storage.remove(self._path(ACTORS_DIR), self.storage_options, recursive=True, filesystem=self.filesystem)
 
     def names_with_parts(self) -> set[str]:
         """The shards that have a parts folder (one listing, not one request per shard)."""

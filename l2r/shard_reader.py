@@ -39,6 +39,11 @@ MASK_SUFFIX = "mask.png"
 
 # webdataset's rule: the key is the member path up to the first dot of its base name.
 _KEY_AND_SUFFIX = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")
+# A member is read into memory whole: one announcing more (a corrupt or hostile header) is not read.
+MAX_MEMBER_BYTES = 256 * 1024 * 1024
+MAX_LABEL = 2**31 - 1
+# Pseudo-suffix of a member that is not read, with the reason (a per-sample error).
+SKIPPED = "__skipped__"
 _BRACES = re.compile(r"\{([^{}]*)\}")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -119,6 +124,8 @@ def _parse_label(data: bytes) -> int:
     text = bytes(data).decode("ascii", errors="strict").strip()
     if not re.fullmatch(r"\d+", text):
         raise ValueError(f"not a non-negative integer: {text[:40]!r}")
+    if len(text) > 10 or int(text) > MAX_LABEL:
+        raise ValueError(f"out of range: {text[:40]} (at most {MAX_LABEL})")
     return int(text)
 
 
@@ -132,6 +139,7 @@ def sample_to_row(key: str, source: str, members: dict, image_size, crop_pct: fl
     duplicates = members.get("__duplicates__")
     if duplicates:
         errors.append(f"duplicate member: {', '.join(duplicates)}")
+    errors += members.get(SKIPPED, [])
 
     if LABEL_SUFFIX in members:
         data = members[LABEL_SUFFIX]
@@ -144,13 +152,16 @@ def sample_to_row(key: str, source: str, members: dict, image_size, crop_pct: fl
                 errors.append(f"bad label: {exc}")
 
     image_suffix = next((s for s in IMAGE_SUFFIXES if s in members), None)
+    image_shape = None
     if image_suffix is None:
         errors.append(f"missing image: no .{'/.'.join(IMAGE_SUFFIXES)} member")
     elif len(members[image_suffix]) == 0:
         errors.append(f"empty member: {key}.{image_suffix}")
     else:
         try:
-            row["image"] = resize_and_crop(decode_image(members[image_suffix]), (h, w), crop_pct)
+            decoded = decode_image(members[image_suffix])
+            image_shape = decoded.shape[:2]  # the mask must have it too
+            row["image"] = resize_and_crop(decoded, (h, w), crop_pct)
         except ImageDecodeError as exc:
             errors.append(f"corrupt image: {exc}")
 
@@ -161,7 +172,12 @@ def sample_to_row(key: str, source: str, members: dict, image_size, crop_pct: fl
             errors.append(f"empty member: {key}.{MASK_SUFFIX}")
         else:
             try:
-                row["mask"] = resize_and_crop_mask(decode_mask(members[MASK_SUFFIX]), (h, w), crop_pct)
+                mask = decode_mask(members[MASK_SUFFIX])
+                if image_shape is not None and mask.shape != image_shape:
+                    errors.append(f"mask size {mask.shape[1]}x{mask.shape[0]} differs from the image's "
+                                  f"{image_shape[1]}x{image_shape[0]}: {key}.{MASK_SUFFIX}")
+                else:
+                    row["mask"] = resize_and_crop_mask(mask, (h, w), crop_pct)
             except ImageDecodeError as exc:
                 errors.append(f"corrupt mask: {exc}")
 
@@ -194,16 +210,26 @@ def _iter_tar_members(fileobj) -> Iterator[tuple[str, str, bytes]]:
     a normal end of archive, silently losing the rest of the shard (Ray's reader
     inherits this). So after the last member we check for the end-of-archive
     zero block and raise ``tarfile.ReadError`` when it is missing.
+
+    Members are only read into memory, never extracted, so names such as ``/etc/x.png`` or
+    ``../x.png`` write nothing anywhere. A link, or a member announcing more than
+    ``MAX_MEMBER_BYTES``, is not read: it comes as ``(key, SKIPPED, reason)`` (a per-sample error).
     """
     with tarfile.open(fileobj=fileobj, mode="r:*") as archive:
         for info in archive:
-            if not info.isreg():
-                continue
             match = _KEY_AND_SUFFIX.match(info.name)
             if match is None:  # no suffix, or a hidden file such as ._foo.jpg
                 continue
             key, suffix = match.groups()
-            yield key, suffix.lower(), archive.extractfile(info).read()
+            if info.issym() or info.islnk():
+                kind = "symbolic" if info.issym() else "hard"
+                yield key, SKIPPED, f"{kind} link not followed: {info.name} -> {info.linkname}"
+            elif not info.isreg():
+                continue
+            elif info.size > MAX_MEMBER_BYTES:
+                yield key, SKIPPED, f"member too large: {info.name} announces {info.size} bytes (at most {MAX_MEMBER_BYTES})"
+            else:
+                yield key, suffix.lower(), archive.extractfile(info).read()
         if archive.fileobj is fileobj:  # uncompressed: compressed streams detect truncation themselves
             fileobj.seek(archive.offset)
             end = fileobj.read(tarfile.BLOCKSIZE)
@@ -245,6 +271,9 @@ def iter_shard(url: str, image_size, crop_pct: float = 1.0, with_mask: bool = Fa
                             yield sample_to_row(current_key, url, members, image_size, crop_pct, with_mask)
                         done += 1
                     current_key, members = key, {}
+                if suffix == SKIPPED:
+                    members.setdefault(SKIPPED, []).append(data)
+                    continue
                 if suffix in members:
                     members.setdefault("__duplicates__", []).append(f"{key}.{suffix}")
                 members[suffix] = data
@@ -253,6 +282,7 @@ def iter_shard(url: str, image_size, crop_pct: float = 1.0, with_mask: bool = Fa
     except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
         # The sample being read when the shard broke is lost; name it so it can be traced.
         reason = f"unreadable shard: {url}: {type(exc).__name__}: {exc} (after {done} samples)"
+        reason = "; ".join([reason, *members.get(SKIPPED, [])])  # e.g. the member that announced too much
         yield shard_error_row(url, reason, image_size, with_mask, key=current_key or "")
 
 

@@ -8,14 +8,61 @@ on a multi-node cluster is only right on a shared filesystem.
 
 Writes are whole-file: locally under a hidden temporary name, then renamed (atomic); on object
 stores an object appears only when its upload completes, which is atomic too.
+
+An object store that fails requests for a while (a dropped connection, a 5xx, a server restarting)
+is retried: each whole-file call on a URL (read, write, exists, listing, remove) is tried up to
+``RETRY_ATTEMPTS`` times with doubling waits, then fails with a ``StorageUnavailable`` naming the
+URL. A failed attempt commits nothing, so a retried write never leaves half a file. Local paths are
+not retried: a full disk or a missing file is not transient.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import time
 import uuid
+
+RETRY_ATTEMPTS = 5
+RETRY_FIRST_WAIT_S = 0.5  # then 1, 2, 4 s: about 7.5 s of waiting before giving up
+# Answers that retrying cannot change.
+PERMANENT_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError,
+                    ValueError, TypeError, KeyError)
+
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+
+
+class StorageUnavailable(OSError):
+    """An object-store call that kept failing after its retries; the message names the URL."""
+
+
+def _transient(error: BaseException) -> bool:
+    """Connection errors, timeouts and server errors of object-store clients (s3fs, gcsfs, botocore, aiohttp)."""
+    if isinstance(error, PERMANENT_ERRORS) or getattr(error, "errno", None) in FULL_DISK:
+        return False
+    module = type(error).__module__.split(".")[0]
+    return isinstance(error, OSError) or module in ("botocore", "aiohttp", "urllib3", "requests", "google")
+
+
+def _with_retries(what: str, url, local: bool, call):
+    """``call()``, retried with backoff while an object store fails; local paths are called once."""
+    if local:
+        return call()
+    wait, started = RETRY_FIRST_WAIT_S, time.monotonic()
+    for attempt in range(1, RETRY_ATTEMPTS + 1):
+        try:
+            return call()
+        except BaseException as error:
+            if not _transient(error):
+                raise
+            if attempt == RETRY_ATTEMPTS:
+                raise StorageUnavailable(
+                    f"{what} {url}: failed {attempt} times over {time.monotonic() - started:.1f} s "
+                    f"(the object store did not answer); last error: {type(error).__name__}: {error}") from error
+            time.sleep(wait)
+            wait *= 2
 
 
 def is_url(url) -> bool:
@@ -59,8 +106,8 @@ def join(url, *parts: str) -> str:
 
 
 def exists(url, storage_options: dict | None = None, filesystem=None) -> bool:
-    fs, path, _ = resolve(url, storage_options, filesystem)
-    return fs.exists(path)
+    fs, path, local = resolve(url, storage_options, filesystem)
+    return _with_retries("checking", url, local, lambda: fs.exists(path))
 
 
 @contextlib.contextmanager
@@ -78,6 +125,10 @@ def atomic_writer(url, storage_options: dict | None = None, filesystem=None):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as error:
+            if error.errno in FULL_DISK and not error.filename:  # a write or fsync: say which file
+                raise OSError(error.errno, error.strerror, path) from error
+            raise
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -93,9 +144,13 @@ def atomic_writer(url, storage_options: dict | None = None, filesystem=None):
 
 
 def write_bytes(url, data: bytes, storage_options: dict | None = None, filesystem=None) -> None:
-    """Write a whole file atomically (parents created)."""
-    with atomic_writer(url, storage_options, filesystem) as f:
-        f.write(data)
+    """Write a whole file atomically (parents created); retried while an object store fails."""
+
+    def write():
+        with atomic_writer(url, storage_options, filesystem) as f:
+            f.write(data)
+
+    _with_retries("writing", url, resolve(url, storage_options, filesystem)[2], write)
 
 
 def write_text(url, text: str, storage_options: dict | None = None) -> None:
@@ -107,9 +162,13 @@ def write_json(url, document, storage_options: dict | None = None, filesystem=No
 
 
 def read_bytes(url, storage_options: dict | None = None, filesystem=None) -> bytes:
-    fs, path, _ = resolve(url, storage_options, filesystem)
-    with fs.open(path, "rb") as f:
-        return f.read()
+    fs, path, local = resolve(url, storage_options, filesystem)
+
+    def read():
+        with fs.open(path, "rb") as f:
+            return f.read()
+
+    return _with_retries("reading", url, local, read)
 
 
 def read_json(url, storage_options: dict | None = None, filesystem=None):
@@ -123,9 +182,13 @@ def read_json(url, storage_options: dict | None = None, filesystem=None):
 def listing(url, storage_options: dict | None = None, filesystem=None) -> list[str]:
     """The URLs of the files directly in a folder; an absent folder (an empty prefix) is empty."""
     fs, path, local = resolve(url, storage_options, filesystem)
-    fs.invalidate_cache(path)
+
+    def ls():
+        fs.invalidate_cache(path)
+        return fs.ls(path, detail=False)
+
     try:
-        entries = fs.ls(path, detail=False)
+        entries = _with_retries("listing", url, local, ls)
     except FileNotFoundError:
         return []
     base = str(url).rstrip("/")
@@ -134,9 +197,9 @@ def listing(url, storage_options: dict | None = None, filesystem=None) -> list[s
 
 def remove(url, storage_options: dict | None = None, recursive: bool = False, filesystem=None) -> None:
     """Remove a file (or a folder with ``recursive``); absent is fine."""
-    fs, path, _ = resolve(url, storage_options, filesystem)
+    fs, path, local = resolve(url, storage_options, filesystem)
     try:
-        fs.rm(path, recursive=recursive)
+        _with_retries("removing", url, local, lambda: fs.rm(path, recursive=recursive))
     except FileNotFoundError:
         pass
     fs.invalidate_cache()

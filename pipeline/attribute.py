@@ -234,6 +234,7 @@ def run_attribution(config: AttributeConfig, log: Callable[[str], None] | None =
     if config.overwrite:
         output.remove_all()
     output.clean_temporary()
+    output.clear_actor_starts()  # an interrupted run's
 
     stats = Stats(config.methods)
     todo, skipped = [], 0
@@ -282,6 +283,7 @@ def run_attribution(config: AttributeConfig, log: Callable[[str], None] | None =
     run_stats = Stats(config.methods)
     run_started = time.perf_counter()
     first_batch = None  # start-up (actors, model loading, first read) ends with the first summary
+    actor_restarts = 0  # actors Ray restarted after they died; their batches were retried
     if todo:
         settings = {
             "device": plan["device"],
@@ -354,9 +356,19 @@ def run_attribution(config: AttributeConfig, log: Callable[[str], None] | None =
                     progress.total = round(shards.committed_images / shards.committed * len(todo))
                 progress.update(run_stats.images, errors=run_stats.errors, shard=f"{shards.current + 1}/{len(todo)}")
             shards.finish()
+            actor_restarts = max(0, output.actor_starts() - plan["actors"])
+            output.clear_actor_starts()
+            if actor_restarts:
+                log(f"warning: {actor_restarts} attribution actor(s) died (killed for memory?) and were restarted; "
+                    "their batches were redone")
             progress.update(run_stats.images, force=True, errors=run_stats.errors, shard=f"{len(todo)}/{len(todo)}")
-        except BaseException:
+        except BaseException as error:
             shards.abandon()
+            full = _full_disk(error)
+            if full is not None:
+                raise OSError(full.errno, f"{full.strerror or 'No space left on device'} under the output "
+                              f"{config.output} ({full}); the {skipped + shards.committed} finished shard(s) are "
+                              "kept: free space and rerun to finish the rest") from error
             raise
     seconds = time.perf_counter() - run_started
     stats.add(run_stats.to_dict())
@@ -373,15 +385,27 @@ def run_attribution(config: AttributeConfig, log: Callable[[str], None] | None =
         "seconds": seconds,
         "images_per_s": run_stats.images / seconds if seconds > 0 and run_stats.images else 0.0,
         "startup_seconds": (first_batch - run_started) if first_batch is not None else None,
+        "actor_restarts": actor_restarts,
         "methods": stats.means(),
     }
     manifest.update(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), summary=summary,
                     counts={"images_in": stats.images, "rows_out": stats.rows, "images_errored": stats.errors,
-                            "rows_errored": stats.error_rows},
+                            "rows_errored": stats.error_rows, "actor_restarts_this_run": actor_restarts},
                     shards={url: shard_log.get(url) for url in urls})
     output.write_json(output.manifest_url, manifest)
     log(format_summary(summary))
     return summary
+
+
+def _full_disk(error: BaseException | None) -> OSError | None:
+    """The full-disk OSError behind ``error`` (Ray wraps a task's exception, and Ray Data wraps it again)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if getattr(error, "errno", None) in storage.FULL_DISK:
+            return error
+        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
+    return None
 
 
 class _ShardTracker:

@@ -148,7 +148,10 @@ class Attributor:
         errors = [None if e is None else str(e) for e in batch["error"]]
         n = len(keys)
         if self.protocol.target == "ground_truth":
-            errors = [e if e is not None or labels[i] >= 0 else "missing label: target rule 'ground_truth' needs a .cls member"
+            classes = self.target.num_classes
+            errors = [e if e is not None else
+                      "missing label: target rule 'ground_truth' needs a .cls member" if labels[i] < 0 else
+                      f"label {labels[i]} out of range: the target has {classes} classes" if labels[i] >= classes else None
                       for i, e in enumerate(errors)]
         valid = np.array([e is None for e in errors], dtype=bool)
         idx = np.flatnonzero(valid)
@@ -295,6 +298,9 @@ class AttributionWorker:
         self.attributor = Attributor(settings)
         self.output = Output(settings["output"], settings.get("storage_options"))
         self.names = settings["names"]
+        # Ray Data restarts (or replaces) an actor that died, killed for memory say, and retries its
+        # batches: the driver counts starts beyond the pool's size as restarts.
+        self.output.record_actor_start()
 
     def __call__(self, batch: dict) -> pa.Table:
         return write_parts(self.output, self.names, self.attributor(batch))

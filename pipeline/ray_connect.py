@@ -6,6 +6,10 @@ Ray's own rule joins the latest `ray start` cluster of this machine, read from i
 `ray.init` on a dead address retries the GCS for many minutes without an error (seen with Ray
 2.60: over 5 min), so a recorded cluster that does not answer is reported and a new local
 instance is started instead.
+
+A new local instance keeps Ray's token authentication (Ray 2.60 turns it on for `ray.init` and
+writes a token to ~/.ray/auth_token when there is none): its dashboard and job API answer only
+requests that carry the token, so another program on the machine cannot submit code to it.
 """
 
 import os
@@ -64,6 +68,10 @@ def init_ray(address: str | None = None, *, num_cpus: float | None = None, num_g
         return True
     resources = {k: v for k, v in (("num_cpus", num_cpus), ("num_gpus", num_gpus)) if v is not None}
     _checkout_on_workers_path()
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        print("warning: RAY_AUTH_MODE=disabled: this local Ray's job API will run code sent by anyone who can "
+              "reach its dashboard port; unset RAY_AUTH_MODE to keep Ray's token authentication",
+              file=sys.stderr, flush=True)
     ray.init(address="local", **resources, **kwargs)
     return False
 

@@ -57,8 +57,8 @@ else
     echo "$WANTED" >"$STAMP"
 fi
 export RAY_USAGE_STATS_ENABLED=0
-# The demo's Ray is a throwaway local instance on this machine: no token to set up.
-export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+# The demo's Ray is a local instance with Ray's token authentication (on by default; Ray writes
+# the token to ~/.ray/auth_token): nothing to set up, and no other program can submit jobs to it.
 
 say "4/4 run: jobs/demo.py under $RUNS/demo: fit a small target, train the explainer (50 steps),"
 say "    attribute 64 held-out images, write the report: about 2.5 min on 2 cores, seconds when done before"

@@ -22,7 +22,9 @@ RAY = str(Path(sys.executable).parent / "ray")
 
 def ray_env() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+    # Token authentication as everywhere (the suite's token: tests/conftest.py); the CLI sends the
+    # token only with RAY_AUTH_MODE=token.
+    env.update(RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
     return env
 
@@ -43,16 +45,19 @@ class RayNode:
     """One Ray node: a head (``head_address=None``) or a node joining ``head_address``."""
 
     def __init__(self, cwd, head_address: str | None = None, cpus: int = 2, resources: dict | None = None,
-                 dashboard: bool = False):
+                 dashboard: bool = False, ports: dict | None = None):
+        """``ports``: fixed ports by option name (e.g. ``{"dashboard-port": 8265}``); the others are free ones."""
         # Short: Ray's socket paths have a length limit.
         self.temp_dir = tempfile.mkdtemp(prefix="l2rray_", dir="/tmp")
         # Its own model cache too (l2r.target_record.fetch): a node downloads what it uses.
         self.env = {**ray_env(), "L2R_CACHE": f"{self.temp_dir}/cache"}
+        # Every port `ray start` opens, each a free one: a head always starts its API server (a minimal one
+        # without the dashboard) on --dashboard-port, whose default 8265 fails when another Ray holds it.
         names = ["node-manager-port", "object-manager-port", "metrics-export-port", "runtime-env-agent-port",
                  "dashboard-agent-listen-port", "dashboard-agent-grpc-port"]
         if head_address is None:
-            names += ["port", "ray-client-server-port"] + (["dashboard-port"] if dashboard else [])
-        self.ports = {name: free_port() for name in names}
+            names += ["port", "ray-client-server-port", "dashboard-port"]
+        self.ports = {name: free_port() for name in names} | (ports or {})
         command = [RAY, "start", "--block", f"--num-cpus={cpus}", "--disable-usage-stats",
                    f"--temp-dir={self.temp_dir}"] + [f"--{k}={v}" for k, v in self.ports.items()]
         if resources:

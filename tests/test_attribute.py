@@ -121,7 +121,7 @@ def test_schema_rows_and_manifest(assets, full_run):
     assert manifest["target"]["weight_source"] == "checkpoint"
     assert len(manifest["explainer"]["weights_sha256"]) == 64 and manifest["explainer"]["document"]["metadata"]
     assert manifest["counts"] == {"images_in": len(keys), "rows_out": len(rows), "images_errored": 1,
-                                  "rows_errored": len(methods)}
+                                  "rows_errored": len(methods), "actor_restarts_this_run": 0}
     assert set(manifest["versions"]) >= {"torch", "ray", "pyarrow"}
     assert summary["images"] == len(keys) and summary["errors"] == 1
     assert set(summary["methods"]) == set(methods)

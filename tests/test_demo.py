@@ -23,7 +23,7 @@ def demo(storage):
 
 
 @pytest.mark.slow
-def test_demo_writes_every_artifact_reads_quietly_and_reuses_its_work(tmp_path, monkeypatch, capsys):
+def test_demo_writes_every_artifact_reads_quietly_and_reuses_its_work(tmp_path, monkeypatch, capsys, another_ray):
     done = demo(tmp_path / "runs")  # as scripts/demo.sh: the run folder is runs/demo
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-5000:]

@@ -154,9 +154,24 @@ def test_only_ssh_is_exposed(cluster):
     assert "--gpus all" in docker["worker_run_options"]
 
 
+def test_every_cluster_node_runs_with_ray_token_auth(cluster):
+    """Ray's default start commands, each with RAY_AUTH_MODE=token, and the locally generated token
+    mounted where Ray reads it (`ray get-auth-token --generate` writes ~/.ray/auth_token)."""
+    prepared = launcher_validate(cluster)
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in prepared[key] if "ray start" in c]
+        assert starts, key
+        assert all(re.search(r"(^|[;&\s])RAY_AUTH_MODE=token ray start ", c) for c in starts), starts
+    assert "--head" in " ".join(prepared["head_start_ray_commands"])
+    assert "$RAY_HEAD_IP:6379" in " ".join(prepared["worker_start_ray_commands"])
+    assert prepared["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert "RAY_AUTH_MODE=disabled" not in CLUSTER.read_text()
+
+
 @pytest.mark.parametrize("path", [CLUSTER, *RAYJOBS.values()], ids=lambda p: p.name)
 def test_no_credentials_in_deploy_files(path):
     text = path.read_text()
+    assert not re.search(r"\b[0-9a-f]{64}\b", text)  # no Ray token (what `ray get-auth-token` prints)
     for word in ("aws_access_key_id", "aws_secret_access_key", "aws_session_token"):
         assert word not in text.lower()
     assert "AKIA" not in text and not re.search(r"\bASIA[0-9A-Z]{16}\b", text)
@@ -221,6 +236,9 @@ def test_rayjob_manifest(job):
     assert spec["shutdownAfterJobFinishes"] is True
     assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] >= 0
     assert str(spec["rayClusterSpec"]["rayVersion"]) == pinned_ray_version()
+    # KubeRay's token authentication (RayClusterSpec.authOptions, KubeRay >= 1.5.1): the operator makes
+    # the token Secret and sets RAY_AUTH_MODE/RAY_AUTH_TOKEN on every Ray container.
+    assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}
     gpu_groups = [g for g in spec["rayClusterSpec"]["workerGroupSpecs"]
                   if any("nvidia.com/gpu" in c.get("resources", {}).get("limits", {})
                          for c in g["template"]["spec"]["containers"])]
@@ -236,6 +254,7 @@ def test_rayjob_manifest(job):
             assert match and match.group(1) == pinned_ray_version(), image
             assert "ray-ml" not in image
             assert not container.get("env") or not any("KEY" in e["name"] for e in container["env"])
+            assert not any(e["name"].startswith("RAY_AUTH") for e in container.get("env", []))  # the operator's
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     pins = [PROJECT_PIN.fullmatch(p) for p in runtime_env["pip"]]
     assert any(pins), runtime_env["pip"]

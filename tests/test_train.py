@@ -278,7 +278,7 @@ def test_fine_tune_starts_from_an_artifact_and_records_it(failing_run, tiny):
 
 
 @pytest.fixture
-def ray_head():
+def ray_head(another_ray):
     """A Ray head of our own (free ports, its own temp dir, a dashboard for `ray job submit`)."""
     if not Path("/proc").is_dir():
         pytest.skip("needs /proc to find the head's processes")

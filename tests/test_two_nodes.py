@@ -51,7 +51,7 @@ def bucket(s3_server):
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, another_ray):
     """A head and a second node, each with 2 CPUs, one `l2r_slot` and its own working directory."""
     if not Path("/proc").is_dir():
         pytest.skip("needs /proc to find the nodes' processes")
