@@ -245,7 +245,7 @@ def run_model(model: str, args, work: Path, cpus: int) -> dict:
         shards=shards, output=str(work / model / "out"), target=m["spec"], checkpoint=args.checkpoint
         if model == "resnet20" else m["checkpoint"], mean=m["mean"], std=m["std"], input_size=(m["size"], m["size"]),
         crop_pct=m["crop_pct"], background_logit=m["background_logit"], explainer=explainer_dir, methods=("l2r",),
-        steps=args.steps, device=args.device, actors=args.actors, actor_cpus=args.actor_cpus, threads=args.threads,
+        protocol={"steps": args.steps}, device=args.device, actors=args.actors, actor_cpus=args.actor_cpus, threads=args.threads,
         batch_size=args.batch_size, forward_batch=args.forward_batch, precision=args.precision,
         fast_path=args.fast_path, allow_target_mismatch=explainer is None, overwrite=True, progress_interval=60,
     )

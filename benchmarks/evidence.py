@@ -81,7 +81,8 @@ def main(argv=None):
     if args.explainer and not args.target_checkpoint:
         p.error("--explainer needs --target-checkpoint (the target it was trained for)")
 
-    from pipeline.attribute import EXPLAINER_METHOD, AttributeConfig, read_results, run_attribution
+    from l2r.methods.learned import NAME as EXPLAINER_METHOD
+    from pipeline.attribute import AttributeConfig, read_results, run_attribution
     from l2r.reporting.report import ReportConfig, write_report
     from l2r.reporting.stats import markdown_table, summarize
     from l2r.shards import make_shards
@@ -100,7 +101,7 @@ def main(argv=None):
         methods = [EXPLAINER_METHOD, *methods]
     config = AttributeConfig(shards=shards, output=str(work / "results"), target=SPEC, checkpoint=checkpoint,
                              model_kwargs=KWARGS, input_size=(SIZE, SIZE), explainer=args.explainer, methods=methods,
-                             steps=args.steps, reference=args.reference, with_mask=True, overwrite=True)
+                             protocol={"steps": args.steps, "reference": args.reference}, with_mask=True, overwrite=True)
     start = time.perf_counter()
     run_attribution(config, log=log)
     seconds = time.perf_counter() - start

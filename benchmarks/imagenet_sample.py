@@ -122,13 +122,14 @@ def main(argv=None):
     p.add_argument("--report", action="store_true", help="write the report (gallery) for the black reference")
     args = p.parse_args(argv)
 
-    from pipeline.attribute import EXPLAINER_METHOD, AttributeConfig
+    from l2r.methods.learned import NAME as EXPLAINER_METHOD
+    from pipeline.attribute import AttributeConfig
 
     out = Path(args.output)
     baselines = tuple(m for m in args.methods.split(",") if m)
     results = {}
     for reference in [r for r in args.references.split(",") if r]:
-        common = dict(**TARGET, shards=args.shards, explainer=args.explainer, steps=args.steps, reference=reference,
+        common = dict(**TARGET, shards=args.shards, explainer=args.explainer, protocol={"steps": args.steps, "reference": reference},
                       holdout_every=args.holdout_every, actors=args.actors, batch_size=args.batch_size)
         scores, cost = {}, {}
         runs = [("baselines", dict(methods=baselines))] if baselines else []
@@ -155,8 +156,8 @@ def main(argv=None):
 
         folder = out / "report-black"
         methods = (EXPLAINER_METHOD, *[m for m in baselines if m not in ("ig", "rise")])
-        run(AttributeConfig(**TARGET, shards=args.shards, explainer=args.explainer, steps=args.steps,
-                            reference="black", holdout_every=args.holdout_every, methods=methods,
+        run(AttributeConfig(**TARGET, shards=args.shards, explainer=args.explainer,
+                            protocol={"steps": args.steps, "reference": "black"}, holdout_every=args.holdout_every, methods=methods,
                             actors=args.actors, batch_size=args.batch_size,
                             output=str(folder)), "report")
         write_report(ReportConfig(results=str(folder), gallery=8), log=lambda line: None)

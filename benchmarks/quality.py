@@ -43,6 +43,7 @@ forward + backward passes of the target to produce one map; the exact curves cos
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -97,7 +98,8 @@ def main(argv=None):
         p.error(f"unknown reference {unknown}; choose from {REFERENCES}")
 
     from l2r.zoo.resnet20 import CIFAR10_CLASSES
-    from pipeline.attribute import EXPLAINER_METHOD, AttributeConfig, read_results, run_attribution
+    from l2r.methods.learned import NAME as EXPLAINER_METHOD
+    from pipeline.attribute import AttributeConfig, read_results, run_attribution
     from l2r.reporting.report import ReportConfig, write_report
     from l2r.reporting.stats import markdown_table, summarize
     from l2r.results import Stats
@@ -132,8 +134,9 @@ def main(argv=None):
 
     config = AttributeConfig(
         shards=shards, output=str(work / "results"), **target, explainer=args.explainer,
-        methods=[EXPLAINER_METHOD] if args.baselines_from else methods, steps=args.steps,
-        reference=references[0], refine_steps=args.refine_steps, device=args.device, actors=args.actors,
+        methods=[EXPLAINER_METHOD] if args.baselines_from else methods,
+        protocol={"steps": args.steps, "reference": references[0]}, refine_steps=args.refine_steps,
+        device=args.device, actors=args.actors,
         threads=args.threads, batch_size=args.batch_size, fast_path="eager", overwrite=True,
     )
     start = time.perf_counter()
@@ -194,7 +197,8 @@ def with_kept_baselines(table, output: str, kept: Path, methods: list[str]):
     checking that both runs explained the same target on the same images under the same protocol."""
     import pyarrow as pa
 
-    from pipeline.attribute import EXPLAINER_METHOD, read_results
+    from l2r.methods.learned import NAME as EXPLAINER_METHOD
+    from pipeline.attribute import read_results
     from l2r.reporting.report import read_manifest
 
     ours, theirs = read_manifest(output)["identity"], read_manifest(str(kept))
@@ -226,7 +230,7 @@ def rescore_with_kept(table, config, reference: str, threads: int | None, kept: 
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from pipeline.attribute import EXPLAINER_METHOD
+    from l2r.methods.learned import NAME as EXPLAINER_METHOD
 
     ours = table.filter(pc.equal(table.column("method"), EXPLAINER_METHOD))
     baselines = table.filter(pc.not_equal(table.column("method"), EXPLAINER_METHOD))
@@ -272,8 +276,7 @@ def rescore(table, config, reference: str, threads: int | None = None):
         scores = deletion_insertion(
             target, to_tensor(np.stack([images[(r["source"], r["key"])] for r in chunk])),
             torch.from_numpy(np.stack([decode_heatmap(r["heatmap"]) for r in chunk])),
-            torch.tensor([r["target"] for r in chunk]), steps=config.steps, reference=reference,
-            impute_noise=config.impute_noise, impute_seed=config.impute_seed)
+            torch.tensor([r["target"] for r in chunk]), dataclasses.replace(config.protocol, reference=reference))
         for j, r in enumerate(chunk):
             for name in ("deletion_auc", "insertion_auc"):
                 r[name] = float(scores[name][j])

@@ -11,8 +11,10 @@
 - `load_target(spec, ...)`: a target model alone, from the same record the jobs use;
 - `preprocess(target, images)`: paths, bytes, PIL images or uint8 arrays -> (B,3,H,W) in [0,1],
   with the target's own resize and crop (the jobs' preprocessing);
-- `attribute(method, target, images, targets=None)`: any baseline by name (`l2r.methods`);
-- `score(target, images, maps, targets=None)`: the exact deletion/insertion protocol;
+- `attribute(method, target, images, targets=None, **options)`: any method by name (`l2r.methods`),
+  the trained explainer too: `attribute("l2r", explainer.target, images, explainer=explainer)`;
+- `score(target, images, maps, targets=None, protocol=None)`: the exact deletion/insertion curves
+  (`l2r.metrics.Protocol`, or its fields: `steps=11, reference="blur"`);
 - `report(results)`: the comparison report of an attribution job's output; a notebook shows its
   one-page picture (mean curves and a gallery).
 `targets=None` everywhere means the target's top-1 prediction.
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 
 from l2r.images import decode_image, resize_and_crop, to_tensor
-from l2r.metrics import deletion_insertion
+from l2r.metrics import Protocol, deletion_insertion
 from l2r.target_record import TargetRecord
 
 
@@ -81,18 +83,22 @@ def _targets(target, images, targets) -> torch.Tensor:
 
 
 def attribute(method: str, target, images: torch.Tensor, targets=None, **options) -> torch.Tensor:
-    """Maps (B,H,W) of a baseline method (gradcam, ig, saliency, rise, random, gaussian, ...)."""
+    """Maps (B,H,W) of a method by name (l2r, gradcam, ig, saliency, rise, random, gaussian, ...).
+
+    `l2r` needs `explainer=` (a `TrainedExplainer` from `load`, or its `.explainer`), trained for `target`.
+    """
     from l2r.methods import attribute as run
 
+    if isinstance(options.get("explainer"), TrainedExplainer):
+        options["explainer"] = options["explainer"].explainer
     maps, _ = run(method, target, images, _targets(target, images, targets), **options)
     return maps
 
 
-def score(target, images: torch.Tensor, maps: torch.Tensor, targets=None, steps: int = 21,
-          reference: str = "black") -> dict:
+def score(target, images: torch.Tensor, maps: torch.Tensor, targets=None, protocol: Protocol | None = None,
+          **protocol_fields) -> dict:
     """The exact deletion/insertion curves and AUCs of `maps` (see `l2r.metrics.deletion_insertion`)."""
-    return deletion_insertion(target, images, maps, _targets(target, images, targets), steps=steps,
-                              reference=reference)
+    return deletion_insertion(target, images, maps, _targets(target, images, targets), protocol, **protocol_fields)
 
 
 class TrainedExplainer:
@@ -108,7 +114,7 @@ class TrainedExplainer:
     @torch.no_grad()
     def explain(self, images: torch.Tensor, targets=None) -> torch.Tensor:
         """Maps (B,H,W) for `targets` (default: the predicted classes); larger = more important."""
-        return self.explainer(images, _targets(self.target, images, targets))[:, 0].float()
+        return attribute("l2r", self.target, images, targets, explainer=self.explainer)
 
     __call__ = explain
 

@@ -34,9 +34,8 @@ from pathlib import Path
 from typing import Callable
 
 from l2r import storage
-from l2r.methods import control_names
-from pipeline.attribute_config import (EXPLAINER_METHOD, AttributeConfig, all_methods,  # noqa: F401  (the job's API)
-                                       resolve_fast_path)
+from l2r.methods import control_names, explainer_names
+from pipeline.attribute_config import AttributeConfig, all_methods, resolve_fast_path  # noqa: F401  (the job's API)
 from pipeline.attributor import AttributionWorker
 from pipeline.progress import Progress, quiet_ray_data
 from pipeline.ray_connect import init_ray
@@ -44,7 +43,7 @@ from l2r.results import (DONE_DIR, MANIFEST, MANIFEST_VERSION, PARQUET_DIR, Outp
                               merge_parts, output_names, read_results)
 
 
-__all__ = ["AttributeConfig", "EXPLAINER_METHOD", "MANIFEST", "all_methods", "read_results", "run_attribution"]
+__all__ = ["AttributeConfig", "MANIFEST", "all_methods", "read_results", "run_attribution"]
 
 
 def explainer_identity(path: str) -> dict:
@@ -148,7 +147,7 @@ def _identity(config: AttributeConfig, record, explainer: dict | None) -> dict:
     return {
         "methods": list(config.methods),
         "method_options": config.method_options,
-        "refine_steps": config.refine_steps if EXPLAINER_METHOD in config.methods else 0,
+        "refine_steps": config.refine_steps if _learned(config) else 0,
         "protocol": config.protocol.to_dict(),
         "crop_pct": config.crop_pct,
         "target": record.to_dict(),
@@ -163,9 +162,14 @@ def _identity(config: AttributeConfig, record, explainer: dict | None) -> dict:
 
 
 
+def _learned(config: AttributeConfig) -> list[str]:
+    """The methods of the run whose maps come from the trained explainer."""
+    return [m for m in config.methods if m in explainer_names()]
+
+
 def _check_explainer(config: AttributeConfig, record, log) -> dict | None:
     """The explainer's identity, after checking it was trained for this target (unless allowed)."""
-    if EXPLAINER_METHOD not in config.methods:
+    if not _learned(config):
         return None
     from l2r.artifact import local_artifact, read_target_record
     from l2r.target_record import check_same_target
@@ -283,25 +287,6 @@ def run_attribution(config: AttributeConfig, log: Callable[[str], None] | None =
     run_started = time.perf_counter()
     first_batch = None  # start-up (actors, model loading, first read) ends with the first summary
     if todo:
-        settings = {
-            "device": plan["device"],
-            "threads": plan["threads"],
-            "methods": list(config.methods),
-            "method_options": config.method_options,
-            "refine_steps": config.refine_steps,
-            "with_mask": config.with_mask,
-            "sanity_stages": config.sanity_stages,
-            "sanity_seed": config.sanity_seed,
-            "protocol": config.protocol.to_dict(),
-            "forward_batch": plan["forward_batch"],
-            "precision": config.precision,
-            "fast_path": plan["fast_path"],
-            "target": record.to_dict(),
-            "storage_options": config.storage_options,
-            "explainer": storage.absolute(config.explainer) if explainer else None,
-            "output": output.url,
-            "names": {url: names[url] for url in todo},
-        }
         ds = read_shards(todo, target.input_size, crop_pct=config.crop_pct, with_mask=config.with_mask,
                          filesystem=filesystem, num_cpus=config.read_cpus, rows_per_batch=plan["batch_size"],
                          holdout_every=config.holdout_every, part="holdout")
@@ -325,7 +310,8 @@ def run_attribution(config: AttributeConfig, log: Callable[[str], None] | None =
             num_cpus=plan["num_cpus"],
             num_gpus=plan["num_gpus"] or None,
             resources=config.actor_resources or None,
-            fn_constructor_kwargs={"settings": settings},
+            fn_constructor_kwargs={"config": config, "plan": plan, "record": record,
+                                   "names": {url: names[url] for url in todo}},
         )
         ds.context.execution_options.preserve_order = True  # shard i is complete when shard i+1 starts
         ds.context.enable_progress_bars = config.ray_progress_bars

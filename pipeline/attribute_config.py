@@ -7,8 +7,9 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from l2r import storage
+from l2r.methods import explainer_names, method_names
 from l2r.metrics import Protocol
-from l2r.results import EXPLAINER_METHOD  # noqa: F401  (the job's name for it)
 # bf16 autocasts the passes (softmax stays float32, l2r.classifier); the curves themselves are
 # accumulated in float32 either way.
 PRECISIONS = ("fp32", "bf16")
@@ -21,6 +22,7 @@ FAST_PATHS = ("eager", "channels_last")
 # "auto": the fastest measured on each device (benchmarks/attribute.py --fast-path; benchmarks/RESULTS.md,
 # "Attribution throughput on a CPU" and "GPU runs").
 FAST_PATH_DEFAULT = {"cpu": "channels_last", "cuda": "channels_last"}
+DEVICES = ("auto", "cpu", "cuda")  # auto: GPU actors when the cluster has GPUs
 
 
 def resolve_fast_path(fast_path: str, device: str) -> str:
@@ -28,9 +30,18 @@ def resolve_fast_path(fast_path: str, device: str) -> str:
 
 
 def all_methods() -> tuple[str, ...]:
-    from l2r.methods import method_names
+    return method_names()
 
-    return (EXPLAINER_METHOD, *method_names())
+
+def defaults(cls) -> dict:
+    """The default of each field of a dataclass that has one (what a command line offers)."""
+    found = {}
+    for item in dataclasses.fields(cls):
+        if item.default is not dataclasses.MISSING:
+            found[item.name] = item.default
+        elif item.default_factory is not dataclasses.MISSING:
+            found[item.name] = item.default_factory()
+    return found
 
 
 @dataclass
@@ -51,19 +62,16 @@ class AttributeConfig:
     crop_pct: float = 1.0
     explainer: str | None = None  # artifact directory or URL (needed for method l2r)
     allow_target_mismatch: bool = False  # use the explainer with a target it was not trained for
-    methods: tuple[str, ...] = (EXPLAINER_METHOD,)
+    methods: tuple[str, ...] = ("l2r",)  # names in l2r.methods
     method_options: dict = field(default_factory=dict)  # {"rise": {"n_masks": 500}, ...}
     refine_steps: int = 0  # test-time refinement of the l2r map (l2r.refine)
-    steps: int = Protocol.steps
-    reference: str = Protocol.reference  # black | mean | blur | impute (l2r.perturbation.REFERENCES)
-    impute_noise: float = Protocol.impute_noise  # the "impute" reference's noise sigma
-    impute_seed: int = Protocol.impute_seed
-    target_rule: str = Protocol.target  # prediction | ground_truth
+    # What a score means: steps, reference, target rule, the impute reference's noise (a dict also does).
+    protocol: Protocol = field(default_factory=Protocol)
     sanity_stages: int = 0  # > 0: the model randomisation sanity check with this many cascade stages (l2r.sanity)
     sanity_seed: int = 0
     with_mask: bool = False  # read mask.png of each sample; add pointing_hit and mask_auroc
     holdout_every: int = 0  # > 0: only the samples a training run with data.holdout_every N held back
-    device: str = "auto"  # auto (GPU actors when the cluster has GPUs) | cpu | cuda
+    device: str = "auto"  # DEVICES
     actors: int | None = None  # default: one per GPU; on CPU one per CPU left after reads
     actor_cpus: float | None = None  # default: 1 per GPU actor; on CPU what reads leave, shared
     actor_gpus: float = 1.0
@@ -90,12 +98,21 @@ class AttributeConfig:
             raise ValueError(f"unknown methods {unknown}; choose from {known}")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods repeated: {self.methods}")
-        if EXPLAINER_METHOD in self.methods and not self.explainer:
-            raise ValueError("method 'l2r' needs an explainer artifact directory (explainer=...)")
+        for name in ("mean", "std", "input_size"):  # tuples, also when read back from JSON
+            if getattr(self, name) is not None:
+                setattr(self, name, tuple(getattr(self, name)))
+        if isinstance(self.protocol, dict):
+            self.protocol = Protocol(**self.protocol)
+        if not isinstance(self.protocol, Protocol):
+            raise ValueError(f"protocol must be an l2r.metrics.Protocol or a dict of its fields, got {self.protocol!r}")
+        learned = [m for m in self.methods if m in explainer_names()]
+        if learned and not self.explainer:
+            raise ValueError(f"method {learned[0]!r} needs an explainer artifact directory (explainer=...)")
         if self.explainer:
             from l2r.artifact import resolve_explainer
 
-            self.explainer = resolve_explainer(self.explainer)  # a shipped explainer's name -> its folder
+            # A shipped explainer's name -> its folder; absolute, as actors may run in another directory.
+            self.explainer = storage.absolute(resolve_explainer(self.explainer))
         if self.target is None:
             if not self.explainer:
                 raise ValueError("give the target model (target=... / --model) or an explainer artifact that records it")
@@ -104,8 +121,8 @@ class AttributeConfig:
             raise ValueError("sanity_stages must be >= 0 (0: no sanity check)")
         if self.refine_steps < 0:
             raise ValueError("refine_steps must be >= 0")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.fast_path not in ("auto", *FAST_PATHS):
@@ -113,7 +130,6 @@ class AttributeConfig:
         extra = set(self.method_options) - set(self.methods)
         if extra:
             raise ValueError(f"method_options for methods not run: {sorted(extra)}")
-        self.protocol  # validates steps/reference/target
 
     def _target_from_artifact(self) -> None:
         """Fill the target model from the explainer artifact's record (written by the training job)."""
@@ -140,11 +156,6 @@ class AttributeConfig:
                             init_seed=self.init_seed, kwargs=self.model_kwargs, mean=self.mean, std=self.std,
                             input_size=self.input_size, crop_pct=self.crop_pct,
                             background_logit=self.background_logit)
-
-    @property
-    def protocol(self) -> Protocol:
-        return Protocol(steps=self.steps, reference=self.reference, target=self.target_rule,
-                        impute_noise=self.impute_noise, impute_seed=self.impute_seed)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))

@@ -64,6 +64,12 @@ def test_explain_matches_the_explainer_and_targets_default_to_prediction(tmp_pat
     assert not torch.equal(explainer.explain(images, other), direct)
     # A single class for the whole batch, as a plain int.
     assert explainer.explain(images, 3).shape == (3, 32, 32)
+    # l2r is a method like the others: by name, with its explainer.
+    assert torch.equal(l2r.attribute("l2r", explainer.target, images, explainer=explainer), direct)
+    assert torch.equal(l2r.attribute("l2r", explainer.target, images, other, explainer=explainer.explainer),
+                       explainer.explain(images, other))
+    with pytest.raises(ValueError, match="needs a trained explainer"):
+        l2r.attribute("l2r", explainer.target, images)
 
 
 def test_preprocess_accepts_paths_bytes_pil_and_arrays_alike(tmp_path):

@@ -60,7 +60,7 @@ def test_paper_config_trains_and_attributes_at_224_px(ray_local, tmp_path):
             out.addfile(member, src.extractfile(member))
     lines = []
     summary = att.run_attribution(att.AttributeConfig(shards=str(few), output=str(tmp_path / "attr"),
-                                                      explainer=artifact, methods=("l2r", "random"), steps=6,
+                                                      explainer=artifact, methods=("l2r", "random"), protocol={"steps": 6},
                                                       actors=1, batch_size=8), log=lines.append)
     assert summary["images"] == 8 and summary["errors"] == 0
     assert any("random weights" in line for line in lines)  # an untrained target is said out loud

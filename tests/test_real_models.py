@@ -51,7 +51,7 @@ def imagenet_few(tmp_path_factory):
 def test_mobilenet_attribution_rescores_exactly_and_matches_the_notebook_api(ray_local, imagenet_few, tmp_path):
     shard, samples = imagenet_few
     config = att.AttributeConfig(shards=str(shard), output=str(tmp_path / "out"), methods=("gradcam", "random"),
-                                 target_rule="ground_truth", actors=1, batch_size=4, **MOBILENET)
+                                 protocol={"target": "ground_truth"}, actors=1, batch_size=4, **MOBILENET)
     summary = att.run_attribution(config, log=lambda line: None)
     assert summary["images"] == 3 and summary["errors"] == 0
     rows = att.read_results(str(tmp_path / "out")).to_pylist()

@@ -52,9 +52,7 @@ def results(tmp_path_factory):
                                  explainer=str(root / "explainer"), methods=METHODS, with_mask=True)
     record = config.target_record()
     record.build()
-    attributor = Attributor({"device": "cpu", "threads": 1, "methods": METHODS, "method_options": {},
-                                 "protocol": config.protocol.to_dict(), "forward_batch": 128, "with_mask": True,
-                                 "target": record.to_dict(), "explainer": config.explainer})
+    attributor = Attributor(config, {"device": "cpu", "threads": 1, "forward_batch": 128, "fast_path": "eager"}, record)
     output = Output(config.output)
     names = att.output_names(shards)
     for url, name in names.items():
