@@ -99,8 +99,9 @@ def main(argv=None):
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.explainer:
         methods = [EXPLAINER_METHOD, *methods]
-    config = AttributeConfig(shards=shards, output=str(work / "results"), target=SPEC, checkpoint=checkpoint,
-                             model_kwargs=KWARGS, input_size=(SIZE, SIZE), explainer=args.explainer, methods=methods,
+    config = AttributeConfig(shards=shards, output=str(work / "results"),
+                             target={"spec": SPEC, "checkpoint": checkpoint, "kwargs": KWARGS, "input_size": SIZE},
+                             explainer=args.explainer, methods=methods,
                              protocol={"steps": args.steps, "reference": args.reference}, with_mask=True, overwrite=True)
     start = time.perf_counter()
     run_attribution(config, log=log)

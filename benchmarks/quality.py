@@ -104,21 +104,21 @@ def main(argv=None):
     from l2r.reporting.stats import markdown_table, summarize
     from l2r.results import Stats
 
-    target = {"target": SPEC, "checkpoint": str(CHECKPOINT), "model_kwargs": {}, "mean": MEAN, "std": STD,
+    target = {"spec": SPEC, "checkpoint": str(CHECKPOINT), "kwargs": {}, "mean": MEAN, "std": STD,
               "input_size": (SIZE, SIZE)}
     if args.target_info:
         info = json.loads(Path(args.target_info).read_text())
-        target = {"target": info["spec"], "checkpoint": args.target_info.removesuffix(".json"),
-                  "model_kwargs": info.get("kwargs") or {}, "mean": tuple(info["mean"]), "std": tuple(info["std"]),
+        target = {"spec": info["spec"], "checkpoint": args.target_info.removesuffix(".json"),
+                  "kwargs": info.get("kwargs") or {}, "mean": tuple(info["mean"]), "std": tuple(info["std"]),
                   "input_size": tuple(info["input_size"])}
     elif args.explainer:
-        from l2r.artifact import local_artifact, read_target_record
+        from l2r.artifact import local_artifact, read_target_spec
 
-        target = {"target": None}  # the job takes the artifact's record
-        spec = read_target_record(local_artifact(args.explainer)).spec
+        target = {k: v for k, v in read_target_spec(local_artifact(args.explainer)).to_dict().items()
+                  if k not in ("weight_source", "weights_sha256", "num_classes", "class_names")}
     if args.checkpoint:
         target["checkpoint"] = args.checkpoint
-    is_vit = "vit" in (target["target"] or spec)
+    is_vit = "vit" in target["spec"]
     methods = [m.strip() for m in (args.methods or ",".join(VIT_BASELINES if is_vit else BASELINES)).split(",")
                if m.strip()]
     if args.explainer:
@@ -133,7 +133,7 @@ def main(argv=None):
         (shard_dir / "classes.json").write_text(json.dumps({str(i): n for i, n in enumerate(CIFAR10_CLASSES)}))
 
     config = AttributeConfig(
-        shards=shards, output=str(work / "results"), **target, explainer=args.explainer,
+        shards=shards, output=str(work / "results"), target=target, explainer=args.explainer,
         methods=[EXPLAINER_METHOD] if args.baselines_from else methods,
         protocol={"steps": args.steps, "reference": references[0]}, refine_steps=args.refine_steps,
         device=args.device, actors=args.actors,
@@ -168,7 +168,7 @@ def main(argv=None):
         elif reference != references[0]:
             table = rescore(table, config, reference, args.rescore_threads)
         stats = summarize(table, resamples=args.resamples, methods=methods)
-        print(f"\nCIFAR-10 test, first {run['images']} images, target {config.target}, {args.steps} steps, "
+        print(f"\nCIFAR-10 test, first {run['images']} images, target {config.target.spec}, {args.steps} steps, "
               f"reference {reference}, target class = prediction; "
               f"{seconds if reference == references[0] else time.perf_counter() - began:.0f} s")
         print(markdown_table(stats))
@@ -188,7 +188,7 @@ def main(argv=None):
                 for m, s in paired.items() if m not in ("images", EXPLAINER_METHOD)}
     print(json.dumps({
         "references": results, "cost": cost, "images": run["images"], "errors": run["errors"], "seconds": seconds,
-        "explainer": args.explainer, "target": config.target, "steps": args.steps,
+        "explainer": args.explainer, "target": config.target.spec, "steps": args.steps,
     }))
 
 
@@ -262,11 +262,11 @@ def rescore(table, config, reference: str, threads: int | None = None):
 
     if threads:
         torch.set_num_threads(threads)
-    target = config.target_record().build("cpu")
-    size = tuple(config.input_size or target.input_size)
+    target = config.target_spec().build("cpu")
+    size = tuple(config.target.input_size or target.input_size)
     images = {}
     for url in sorted(set(table.column("source").to_pylist())):
-        for sample in iter_shard(url, size, config.crop_pct):
+        for sample in iter_shard(url, size, config.target.crop_pct):
             if sample["error"] is None:
                 images[(url, sample["key"])] = sample["image"]
     rows = table.to_pylist()

@@ -72,8 +72,8 @@ def in_fresh_process(script: str, *args: str) -> str:
 
 
 def attribute(shards: list[str], explainer: str | None, out: str, **options) -> dict:
-    config = dict(shards=shards, output=out, target=SPEC, checkpoint=str(CHECKPOINT), mean=MEAN, std=STD,
-                  input_size=(SIZE, SIZE), explainer=explainer, overwrite=True, progress_interval=3600)
+    config = dict(shards=shards, output=out, target=dict(spec=SPEC, checkpoint=str(CHECKPOINT), mean=MEAN, std=STD,
+                  input_size=(SIZE, SIZE)), explainer=explainer, overwrite=True, progress_interval=3600)
     config.update(options)
     return json.loads(in_fresh_process(ATTRIBUTE, json.dumps(config)).strip().splitlines()[-1])
 
@@ -148,9 +148,10 @@ def measure_driver(one: list[str], ten: list[str], explainer_dir: str, work: Pat
     if photos.is_file():
         stats = (0.50196,) * 3
         large = attribute([str(photos)], None, str(work / "out-driver160"), methods=("random",), protocol={"steps": 3},
-                          target=f"{SHARED / 'models' / 'mobilenet_v1.py'}:MobileNetV1",
-                          checkpoint=str(SHARED / "models" / "mobilenet_v1_0.5_160.pth"), background_logit=True,
-                          input_size=(160, 160), crop_pct=0.875, mean=stats, std=stats, batch_size=16, actors=1,
+                          target=dict(spec=f"{SHARED / 'models' / 'mobilenet_v1.py'}:MobileNetV1",
+                                      checkpoint=str(SHARED / "models" / "mobilenet_v1_0.5_160.pth"),
+                                      background_logit=True, input_size=(160, 160), crop_pct=0.875, mean=stats,
+                                      std=stats), batch_size=16, actors=1,
                           threads=1)
         result["driver_160px"] = {k: round(v, 2) for k, v in large.items()}
         result["driver_160px"]["driver_cpu_s_per_1000_images"] = round(large["driver_cpu_s"] / large["images"] * 1000, 2)

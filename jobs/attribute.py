@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from l2r.metrics import TARGET_RULES, Protocol  # noqa: E402
 from l2r.perturbation import REFERENCES  # noqa: E402
+from l2r.target_spec import TargetSpec  # noqa: E402
 from pipeline.attribute import AttributeConfig, all_methods, run_attribution  # noqa: E402
 from pipeline.attribute_config import DEVICES, FAST_PATHS, PRECISIONS, defaults  # noqa: E402
 from pipeline.progress import filter_native_stderr  # noqa: E402
@@ -28,6 +29,7 @@ from l2r.sanity import DEFAULT_STAGES  # noqa: E402
 # Every default and choice below is the configuration's own (pipeline.attribute_config, l2r.metrics).
 CONFIG = defaults(AttributeConfig)
 PROTOCOL = defaults(Protocol)
+TARGET = defaults(TargetSpec)
 
 
 def _floats(text):
@@ -39,6 +41,20 @@ def _size(text):
         return None
     parts = [int(v) for v in text.replace("x", ",").split(",")]
     return (parts[0], parts[0]) if len(parts) == 1 else tuple(parts[:2])
+
+
+def _target(args, parser) -> TargetSpec | None:
+    """The target flags as one TargetSpec; None (no --model): the explainer's own target."""
+    fields = dict(checkpoint=args.checkpoint, random_init=args.random_init, background_logit=args.background_logit,
+                  kwargs=args.model_kwargs, mean=_floats(args.mean), std=_floats(args.std),
+                  input_size=_size(args.input_size), crop_pct=args.crop_pct)
+    if args.model is None:
+        given = [name for name, value in fields.items() if value != TARGET[name]]
+        if given:
+            parser.error(f"{', '.join(given)} describe the target model: give --model too "
+                         "(without it the target is the one the explainer records)")
+        return None
+    return TargetSpec(spec=args.model, **fields)
 
 
 def build_parser():
@@ -56,11 +72,11 @@ def build_parser():
                    help="the model's logit 0 is a background class (TensorFlow ImageNet models): drop it")
     p.add_argument("--allow-target-mismatch", action="store_true",
                    help="use the explainer with a target other than its own (recorded in the manifest)")
-    p.add_argument("--model-kwargs", type=json.loads, default=CONFIG["model_kwargs"], metavar="JSON", help="JSON kwargs for the model constructor")
+    p.add_argument("--model-kwargs", type=json.loads, default=TARGET["kwargs"], metavar="JSON", help="JSON kwargs for the model constructor")
     p.add_argument("--mean", help="normalisation mean, e.g. 0.485,0.456,0.406")
     p.add_argument("--std", help="normalisation std")
     p.add_argument("--input-size", help="H,W or one side (needed for a user's model)")
-    p.add_argument("--crop-pct", type=float, default=CONFIG["crop_pct"], help="centre-crop fraction (timm eval: 0.875)")
+    p.add_argument("--crop-pct", type=float, default=TARGET["crop_pct"], help="centre-crop fraction (timm eval: 0.875)")
     p.add_argument("--explainer", help="explainer artifact folder or URL (model.safetensors + explainer.json), "
                    "or a shipped explainer's name (l2r/explainers/: cifar10-resnet20, cifar10-vit, imagenet-sample-mobilenet)")
     p.add_argument("--methods", default=",".join(CONFIG["methods"]), help=f"comma-separated, from {','.join(all_methods())}")
@@ -102,20 +118,13 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     config = AttributeConfig(
         shards=args.shards if len(args.shards) > 1 else args.shards[0],
         output=args.output,
-        target=args.model,
-        checkpoint=args.checkpoint,
-        random_init=args.random_init,
-        background_logit=args.background_logit,
+        target=_target(args, parser),
         allow_target_mismatch=args.allow_target_mismatch,
-        model_kwargs=args.model_kwargs,
-        mean=_floats(args.mean),
-        std=_floats(args.std),
-        input_size=_size(args.input_size),
-        crop_pct=args.crop_pct,
         explainer=args.explainer,
         methods=args.methods,
         method_options=args.method_options,

@@ -30,19 +30,15 @@ import torch
 
 from l2r.images import decode_image, resize_and_crop, to_tensor
 from l2r.metrics import Protocol, deletion_insertion
-from l2r.target_record import TargetRecord
+from l2r.target_spec import TargetSpec
 
 
 def load_target(spec: str, checkpoint: str | None = None, device="cpu", **record_fields):
-    """The frozen target model (`TargetModel`): fields as `l2r.target_record.TargetRecord`'s.
+    """The frozen target model (`TargetModel`): fields as `l2r.target_spec.TargetSpec`'s.
 
     `timm:NAME` means timm's pretrained weights unless `checkpoint` or `random_init=True` is given.
-    The record is kept as `target.record`.
     """
-    record = TargetRecord(spec=spec, checkpoint=checkpoint, **record_fields)
-    target = record.build(device)
-    target.record = record
-    return target
+    return TargetSpec(spec=spec, checkpoint=checkpoint, **record_fields).build(device)
 
 
 def preprocess(target, images) -> torch.Tensor:
@@ -53,8 +49,7 @@ def preprocess(target, images) -> torch.Tensor:
     """
     if isinstance(images, (str, os.PathLike, bytes, np.ndarray)) or hasattr(images, "convert"):
         images = [images]
-    crop_pct = getattr(getattr(target, "record", None), "crop_pct", 1.0)
-    arrays = [resize_and_crop(_as_array(image), target.input_size, crop_pct) for image in images]
+    arrays = [resize_and_crop(_as_array(image), target.input_size, target.crop_pct) for image in images]
     device = target.mean.device
     return to_tensor(np.stack(arrays)).to(device)
 
@@ -104,9 +99,8 @@ def score(target, images: torch.Tensor, maps: torch.Tensor, targets=None, protoc
 class TrainedExplainer:
     """An explainer with the target it explains: `explain(images)` gives the maps in one forward."""
 
-    def __init__(self, explainer, target, record: TargetRecord, metadata: dict):
+    def __init__(self, explainer, target, record: TargetSpec, metadata: dict):
         self.explainer, self.target, self.record, self.metadata = explainer, target, record, metadata
-        target.record = record
 
     def preprocess(self, images) -> torch.Tensor:
         return preprocess(self.target, images)
@@ -128,12 +122,12 @@ def load(path, device="cpu", allow_target_mismatch: bool = False, **target_field
     `target_fields` (spec, checkpoint, ...) name another target; it must be the one the explainer
     was trained for (same weights and preprocessing) unless `allow_target_mismatch`.
     """
-    from l2r.artifact import load_artifact, local_artifact, read_target_record
+    from l2r.artifact import load_artifact, local_artifact, read_target_spec
 
     folder = local_artifact(path)
     record = None
     if target_fields:
-        record = TargetRecord.from_dict({**read_target_record(folder).to_dict(), "weights_sha256": None,
+        record = TargetSpec.from_dict({**read_target_spec(folder).to_dict(), "weights_sha256": None,
                                          "num_classes": None, **target_fields})
     explainer, target, record, metadata = load_artifact(folder, device, record, allow_target_mismatch)
     return TrainedExplainer(explainer, target, record, metadata)

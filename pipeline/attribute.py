@@ -109,7 +109,7 @@ def _cluster_plan(config: AttributeConfig, input_size: tuple[int, int] | None = 
         threads = max(1, int(actor_cpus))
     else:
         threads = max(1, int(cpus // actors))
-    h, w = input_size or config.input_size or (32, 32)
+    h, w = input_size or config.target.input_size or (32, 32)
     batches = CPU_BATCHES["small" if h * w <= CPU_SMALL_IMAGE_PIXELS else "large"]
     return {"device": "cpu", "actors": actors, "num_cpus": actor_cpus, "num_gpus": 0, "threads": threads,
             "batch_size": config.batch_size or batches["batch_size"],
@@ -149,7 +149,7 @@ def _identity(config: AttributeConfig, record, explainer: dict | None) -> dict:
         "method_options": config.method_options,
         "refine_steps": config.refine_steps if _learned(config) else 0,
         "protocol": config.protocol.to_dict(),
-        "crop_pct": config.crop_pct,
+        "crop_pct": config.target.crop_pct,
         "target": record.to_dict(),
         "explainer_weights_sha256": explainer["weights_sha256"] if explainer else None,
         # Only when set, so outputs written before the option existed still resume.
@@ -171,13 +171,13 @@ def _check_explainer(config: AttributeConfig, record, log) -> dict | None:
     """The explainer's identity, after checking it was trained for this target (unless allowed)."""
     if not _learned(config):
         return None
-    from l2r.artifact import local_artifact, read_target_record
-    from l2r.target_record import check_same_target
+    from l2r.artifact import local_artifact, read_target_spec
+    from l2r.target_spec import check_same_target
 
     folder = local_artifact(config.explainer, config.storage_options)
     explainer = explainer_identity(folder)
     try:
-        trained = read_target_record(folder)
+        trained = read_target_spec(folder)
     except ValueError:  # an explainer saved without a record (not by the training job): nothing to check
         log(f"warning: {config.explainer} does not record the target it was trained for; not checked")
         return explainer
@@ -223,7 +223,7 @@ def run_attribution(config: AttributeConfig, log: Callable[[str], None] | None =
     names = output_names(urls)
     output = Output(config.output, config.storage_options)
 
-    record = config.target_record()
+    record = config.target_spec()
     if record.random_init:
         log(f"warning: target {record.spec} has random weights (random_init): its maps explain an untrained model")
     target = record.build("cpu", config.storage_options)
@@ -287,7 +287,7 @@ def run_attribution(config: AttributeConfig, log: Callable[[str], None] | None =
     run_started = time.perf_counter()
     first_batch = None  # start-up (actors, model loading, first read) ends with the first summary
     if todo:
-        ds = read_shards(todo, target.input_size, crop_pct=config.crop_pct, with_mask=config.with_mask,
+        ds = read_shards(todo, target.input_size, crop_pct=config.target.crop_pct, with_mask=config.with_mask,
                          filesystem=filesystem, num_cpus=config.read_cpus, rows_per_batch=plan["batch_size"],
                          holdout_every=config.holdout_every, part="holdout")
         # A read task's rows otherwise leave as one block of up to 128 MiB (a whole shard): one actor

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from l2r import storage
 from l2r.methods import explainer_names, method_names
 from l2r.metrics import Protocol
+from l2r.target_spec import TargetSpec
 # bf16 autocasts the passes (softmax stays float32, l2r.classifier); the curves themselves are
 # accumulated in float32 either way.
 PRECISIONS = ("fp32", "bf16")
@@ -50,16 +51,9 @@ class AttributeConfig:
 
     shards: str | list[str]
     output: str
-    target: str | None = None  # model spec: timm:NAME or package.module:callable; None: the explainer's
-    checkpoint: str | None = None  # weight file, local or fsspec URL (timm: replaces the pretrained weights)
-    random_init: bool = False  # explain an untrained model on purpose (recorded, warned about)
-    init_seed: int = 0  # seeds the model's construction (weights not read from a file)
-    background_logit: bool = False  # the model's logit 0 is a background class: dropped
-    model_kwargs: dict = field(default_factory=dict)
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    input_size: tuple[int, int] | None = None
-    crop_pct: float = 1.0
+    # The model explained (spec, weights, kwargs, preprocessing; a dict of its fields also does).
+    # None: the one the explainer was trained for, from its artifact.
+    target: TargetSpec | None = None
     explainer: str | None = None  # artifact directory or URL (needed for method l2r)
     allow_target_mismatch: bool = False  # use the explainer with a target it was not trained for
     methods: tuple[str, ...] = ("l2r",)  # names in l2r.methods
@@ -98,9 +92,6 @@ class AttributeConfig:
             raise ValueError(f"unknown methods {unknown}; choose from {known}")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods repeated: {self.methods}")
-        for name in ("mean", "std", "input_size"):  # tuples, also when read back from JSON
-            if getattr(self, name) is not None:
-                setattr(self, name, tuple(getattr(self, name)))
         if isinstance(self.protocol, dict):
             self.protocol = Protocol(**self.protocol)
         if not isinstance(self.protocol, Protocol):
@@ -113,10 +104,17 @@ class AttributeConfig:
 
             # A shipped explainer's name -> its folder; absolute, as actors may run in another directory.
             self.explainer = storage.absolute(resolve_explainer(self.explainer))
+        if isinstance(self.target, dict):
+            self.target = TargetSpec(**self.target)
         if self.target is None:
             if not self.explainer:
                 raise ValueError("give the target model (target=... / --model) or an explainer artifact that records it")
             self._target_from_artifact()
+        if not isinstance(self.target, TargetSpec):
+            raise ValueError(f"target must be an l2r.target_spec.TargetSpec or a dict of its fields, got {self.target!r}")
+        checkpoint = self.target.checkpoint
+        if checkpoint and not storage.is_url(checkpoint):  # actors may run in another directory
+            self.target = dataclasses.replace(self.target, checkpoint=os.path.abspath(checkpoint))
         if self.sanity_stages < 0:
             raise ValueError("sanity_stages must be >= 0 (0: no sanity check)")
         if self.refine_steps < 0:
@@ -133,29 +131,15 @@ class AttributeConfig:
 
     def _target_from_artifact(self) -> None:
         """Fill the target model from the explainer artifact's record (written by the training job)."""
-        from l2r.artifact import local_artifact, read_target_record
+        from l2r.artifact import local_artifact, read_target_spec
 
-        recorded = read_target_record(local_artifact(self.explainer, self.storage_options))
-        self.target = recorded.spec
-        self.checkpoint = recorded.checkpoint
-        self.random_init = recorded.random_init
-        self.init_seed = recorded.init_seed
-        self.background_logit = recorded.background_logit
-        self.model_kwargs = dict(recorded.kwargs)
-        self.mean, self.std, self.input_size = recorded.mean, recorded.std, recorded.input_size
-        self.crop_pct = recorded.crop_pct
+        recorded = read_target_spec(local_artifact(self.explainer, self.storage_options))
+        # What was asked for, not what the build resolved (the driver's build fills those again).
+        self.target = dataclasses.replace(recorded, class_names=None, num_classes=None, weights_sha256=None)
 
-    def target_record(self):
-        """The target this run explains, as `l2r.target_record.TargetRecord` (not yet built)."""
-        from l2r.target_record import TargetRecord
-
-        checkpoint = self.checkpoint
-        if checkpoint and "://" not in str(checkpoint):
-            checkpoint = os.path.abspath(checkpoint)  # actors may run in another directory
-        return TargetRecord(spec=self.target, checkpoint=checkpoint, random_init=self.random_init,
-                            init_seed=self.init_seed, kwargs=self.model_kwargs, mean=self.mean, std=self.std,
-                            input_size=self.input_size, crop_pct=self.crop_pct,
-                            background_logit=self.background_logit)
+    def target_spec(self) -> TargetSpec:
+        """A copy of the target for a build (a build fills the copy's resolved fields, not the config's)."""
+        return dataclasses.replace(self.target)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))

@@ -48,7 +48,7 @@ class Attributor:
         self.methods = tuple(config.methods)
         self.protocol = config.protocol
         self.forward_batch = int(plan["forward_batch"])
-        record = record or config.target_record()
+        record = record or config.target_spec()
         expected = record.weights_sha256
         self.target = record.build(self.device, config.storage_options)
         if expected and record.weights_sha256 != expected:

@@ -46,7 +46,7 @@ class RayNode:
                  dashboard: bool = False):
         # Short: Ray's socket paths have a length limit.
         self.temp_dir = tempfile.mkdtemp(prefix="l2rray_", dir="/tmp")
-        # Its own model cache too (l2r.target_record.fetch): a node downloads what it uses.
+        # Its own model cache too (l2r.target_spec.fetch): a node downloads what it uses.
         self.env = {**ray_env(), "L2R_CACHE": f"{self.temp_dir}/cache"}
         names = ["node-manager-port", "object-manager-port", "metrics-export-port", "runtime-env-agent-port",
                  "dashboard-agent-listen-port", "dashboard-agent-grpc-port"]

@@ -12,7 +12,7 @@ import torch
 from l2r.classifier import build_target
 from l2r.artifact import save_artifact
 from l2r.explainer import build_explainer
-from l2r.target_record import TargetRecord
+from l2r.target_spec import TargetSpec
 from l2r.images import decode_heatmap, to_tensor
 from l2r.metrics import Protocol, deletion_insertion
 from pipeline import attribute as att
@@ -42,7 +42,7 @@ def assets(tmp_path_factory):
     torch.manual_seed(0)
     target = build_target(SPEC, model_kwargs=KWARGS, random_init=True, input_size=(SIZE, SIZE))
     torch.save(target.net.state_dict(), root / "target.pt")
-    record = TargetRecord(SPEC, checkpoint=str(root / "target.pt"), kwargs=KWARGS, input_size=(SIZE, SIZE))
+    record = TargetSpec(SPEC, checkpoint=str(root / "target.pt"), kwargs=KWARGS, input_size=(SIZE, SIZE))
     target = record.build()
     explainer = build_explainer({"backbone": "target", "layers": ["layer1", "layer2"], "dim": 8, "head_dim": 8},
                                 target=target)
@@ -62,7 +62,7 @@ def job_args(assets, output, shards=None, methods=METHODS, extra=()):
 
 def config(assets, output, **overrides):
     settings = dict(shards=str(assets["root"] / "shards" / "train-{0000..0003}.tar"), output=str(output),
-                    target=SPEC, checkpoint=assets["checkpoint"], model_kwargs=KWARGS, input_size=(SIZE, SIZE),
+                    target=TargetSpec(SPEC, checkpoint=assets["checkpoint"], kwargs=KWARGS, input_size=(SIZE, SIZE)),
                     explainer=assets["explainer"], methods=METHODS, actors=1, actor_cpus=1.0, batch_size=5)
     settings.update(overrides)
     return att.AttributeConfig(**settings)
@@ -173,7 +173,9 @@ def test_the_command_lines_defaults_are_the_configurations(monkeypatch, tmp_path
     made = []
     monkeypatch.setattr(job, "run_attribution", lambda config: made.append(config) or {})
     job.main(["--shards", "s.tar", "--output", str(tmp_path), "--model", SPEC, "--methods", "random"])
-    assert made == [att.AttributeConfig(shards="s.tar", output=str(tmp_path), target=SPEC, methods="random")]
+    assert made == [att.AttributeConfig(shards="s.tar", output=str(tmp_path), target={"spec": SPEC}, methods="random")]
+    with pytest.raises(SystemExit):  # a target flag without --model would be ignored: refused
+        job.main(["--shards", "s.tar", "--output", str(tmp_path), "--checkpoint", "w.pt", "--methods", "random"])
     choices = {a.dest: a.choices for a in job.build_parser()._actions if a.choices}
     assert choices["reference"] == REFERENCES and choices["target"] == TARGET_RULES
 
@@ -275,8 +277,8 @@ def test_attributor_with_refinement_without_ray(assets):
     batch["image"] = np.stack([r["image"] for r in rows])
     batch["label"] = np.array([r["label"] for r in rows])
     table = attributor(methods=["l2r", "saliency"], refine_steps=2, protocol=Protocol(steps=6, reference="blur"),
-                       explainer=assets["explainer"], target=SPEC, checkpoint=assets["checkpoint"], model_kwargs=KWARGS,
-                       input_size=(SIZE, SIZE))(batch)
+                       explainer=assets["explainer"],
+                       target=TargetSpec(SPEC, checkpoint=assets["checkpoint"], kwargs=KWARGS, input_size=SIZE))(batch)
     assert table.schema == SCHEMA and table.num_rows == 2 * len(rows)
     good = [r for r in table.to_pylist() if r["error"] is None]
     # Explainer pass + 2 steps x 2 directions x k 16, + the exact check of both maps (K=6).
@@ -313,19 +315,18 @@ def test_target_comes_from_the_artifact(assets, tmp_path):
     with pytest.raises(ValueError, match="does not record its target"):
         config(assets, tmp_path, target=None, explainer=str(bare))
     # The job's own artifact records the target it was saved with.
-    cfg = config(assets, tmp_path, target=None, checkpoint=None, model_kwargs={}, input_size=None)
-    assert (cfg.target, cfg.checkpoint, cfg.model_kwargs, cfg.input_size) == (SPEC, assets["checkpoint"], KWARGS,
-                                                                              (SIZE, SIZE))
+    cfg = config(assets, tmp_path, target=None)
+    assert (cfg.target.spec, cfg.target.checkpoint, cfg.target.kwargs, cfg.target.input_size) == (
+        SPEC, assets["checkpoint"], KWARGS, (SIZE, SIZE))
     recorded = tmp_path / "artifact"
     recorded.mkdir()
     document["metadata"] = {"crop_pct": 0.875, "import_paths": [str(tmp_path / "models")], "target": {
         "spec": SPEC, "checkpoint": assets["checkpoint"], "kwargs": KWARGS, "mean": [0.5] * 3, "std": [0.25] * 3,
         "input_size": [SIZE, SIZE]}}
     (recorded / "explainer.json").write_text(json.dumps(document))
-    cfg = config(assets, tmp_path, target=None, checkpoint=None, model_kwargs={}, input_size=None,
-                 explainer=str(recorded))
-    assert (cfg.target, cfg.checkpoint, cfg.model_kwargs) == (SPEC, assets["checkpoint"], KWARGS)
-    assert cfg.mean == (0.5, 0.5, 0.5) and cfg.input_size == (SIZE, SIZE) and cfg.crop_pct == 0.875
+    cfg = config(assets, tmp_path, target=None, explainer=str(recorded))
+    assert (cfg.target.spec, cfg.target.checkpoint, cfg.target.kwargs) == (SPEC, assets["checkpoint"], KWARGS)
+    assert cfg.target.mean == (0.5, 0.5, 0.5) and cfg.target.input_size == (SIZE, SIZE) and cfg.target.crop_pct == 0.875
     assert str(tmp_path / "models") in sys.path
     sys.path.remove(str(tmp_path / "models"))
     with pytest.raises(FileNotFoundError, match="explainer.json"):
@@ -404,8 +405,9 @@ def test_the_fast_path_keeps_the_eager_fp32_aucs(shared_cifar10):
     batch = {k: np.array([r[k] for r in rows], dtype=object) for k in ("key", "source", "error")}
     batch["image"] = np.stack([r["image"] for r in rows])
     batch["label"] = np.array([r["label"] for r in rows])
-    settings = dict(methods=["gradcam", "saliency"], forward_batch=128, target="l2r.zoo.resnet20:resnet20",
-                    checkpoint=str(RESNET20), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), input_size=(32, 32))
+    settings = dict(methods=["gradcam", "saliency"], forward_batch=128, target=TargetSpec(
+        "l2r.zoo.resnet20:resnet20", checkpoint=str(RESNET20), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+        input_size=(32, 32)))
     eager = attributor(fast_path="eager", **settings)(batch).to_pylist()
     fast = attributor(fast_path="channels_last", **settings)(batch).to_pylist()
     assert len(eager) == len(fast) == 48 and all(r["error"] is None for r in eager + fast)

@@ -12,7 +12,7 @@ import tarfile
 
 import pytest
 
-from l2r.artifact import load_artifact, read_target_record
+from l2r.artifact import load_artifact, read_target_spec
 from pipeline import attribute as att
 from pipeline import config as C
 from pipeline import train as T
@@ -49,7 +49,7 @@ def test_paper_config_trains_and_attributes_at_224_px(ray_local, tmp_path):
     assert all(m["loss"] == m["loss"] for m in metrics) and "val_deletion_auc" in metrics[-1]
     print(f"224 px, batch 2, tiny ViTs: {[round(m['step_time_s'], 2) for m in metrics]} s/step")
 
-    record = read_target_record(artifact)
+    record = read_target_spec(artifact)
     assert record.weight_source == "random" and record.input_size == (224, 224) and record.crop_pct == 0.875
     explainer, target, _, metadata = load_artifact(artifact)
     assert metadata["steps"] == 2 and target.gradient_checkpointing is False

@@ -76,9 +76,8 @@ def test_the_job_stores_the_correlation_per_stage_and_the_report_shows_it(shared
     explainer = build_explainer({"backbone": "target", "layers": ["layer1", "layer2", "layer3"], "dim": 16,
                                  "head_dim": 8}, target=target)
     save_explainer(tmp_path / "explainer", explainer, {"note": "untrained, for tests"})
-    target_fields = {"target": TARGET["spec"], **{k: v for k, v in TARGET.items() if k != "spec"}}
     settings = dict(methods=["l2r", "saliency", "random"], protocol={"steps": 6}, explainer=str(tmp_path / "explainer"),
-                    sanity_stages=2, **target_fields)
+                    sanity_stages=2, target=TARGET)
     table = attributor(**settings)(cifar_batch(shared_cifar10, 8))
     rows = table.to_pylist()
     by_method = {m: [r["sanity_spearman"] for r in rows if r["method"] == m] for m in settings["methods"]}
