@@ -62,17 +62,12 @@ class Attributor:
         self.sanity_models = self._sanity_models() if config.sanity_stages else []
         self.calls = 0
 
-    def _explainer(self, target, quiet: bool = False):
-        import warnings
-
+    def _explainer(self, target):
+        """The explainer on `target` (the driver checked it was trained for the run's target)."""
         from l2r.artifact import local_artifact
         from l2r.explainer import load_explainer
 
-        with warnings.catch_warnings():
-            if quiet:  # a sanity stage's target is not the explainer's, on purpose
-                warnings.simplefilter("ignore")
-            explainer, _ = load_explainer(local_artifact(self.config.explainer, self.config.storage_options),
-                                          target=target)
+        explainer, _ = load_explainer(local_artifact(self.config.explainer, self.config.storage_options), target=target)
         return explainer.to(self.device).eval()
 
     def _sanity_models(self) -> list[tuple]:
@@ -82,7 +77,7 @@ class Attributor:
         models = []
         for layers in cascade(self.target.net, self.config.sanity_stages):
             target = randomised_copy(self.target, layers, self.config.sanity_seed)
-            models.append((target, self._explainer(target, quiet=True) if self.explainer is not None else None))
+            models.append((target, self._explainer(target) if self.explainer is not None else None))
         return models
 
     def _sync(self):
