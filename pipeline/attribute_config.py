@@ -45,6 +45,15 @@ def defaults(cls) -> dict:
     return found
 
 
+def _as(cls, value, name: str):
+    """A nested section: the dataclass itself, or a dict of its fields (YAML, JSON, a manifest)."""
+    if isinstance(value, dict):
+        return cls(**value)
+    if not isinstance(value, cls):
+        raise ValueError(f"{name} must be a {cls.__module__}.{cls.__name__} or a dict of its fields, got {value!r}")
+    return value
+
+
 @dataclass
 class AttributeConfig:
     """Everything a run needs; recorded in the manifest."""
@@ -92,29 +101,8 @@ class AttributeConfig:
             raise ValueError(f"unknown methods {unknown}; choose from {known}")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods repeated: {self.methods}")
-        if isinstance(self.protocol, dict):
-            self.protocol = Protocol(**self.protocol)
-        if not isinstance(self.protocol, Protocol):
-            raise ValueError(f"protocol must be an l2r.metrics.Protocol or a dict of its fields, got {self.protocol!r}")
-        learned = [m for m in self.methods if m in explainer_names()]
-        if learned and not self.explainer:
-            raise ValueError(f"method {learned[0]!r} needs an explainer artifact directory (explainer=...)")
-        if self.explainer:
-            from l2r.artifact import resolve_explainer
-
-            # A shipped explainer's name -> its folder; absolute, as actors may run in another directory.
-            self.explainer = storage.absolute(resolve_explainer(self.explainer))
-        if isinstance(self.target, dict):
-            self.target = TargetSpec(**self.target)
-        if self.target is None:
-            if not self.explainer:
-                raise ValueError("give the target model (target=... / --model) or an explainer artifact that records it")
-            self._target_from_artifact()
-        if not isinstance(self.target, TargetSpec):
-            raise ValueError(f"target must be an l2r.target_spec.TargetSpec or a dict of its fields, got {self.target!r}")
-        checkpoint = self.target.checkpoint
-        if checkpoint and not storage.is_url(checkpoint):  # actors may run in another directory
-            self.target = dataclasses.replace(self.target, checkpoint=os.path.abspath(checkpoint))
+        self.protocol = _as(Protocol, self.protocol, "protocol")
+        self._resolve_models()
         if self.sanity_stages < 0:
             raise ValueError("sanity_stages must be >= 0 (0: no sanity check)")
         if self.refine_steps < 0:
@@ -129,13 +117,27 @@ class AttributeConfig:
         if extra:
             raise ValueError(f"method_options for methods not run: {sorted(extra)}")
 
-    def _target_from_artifact(self) -> None:
-        """Fill the target model from the explainer artifact's record (written by the training job)."""
-        from l2r.artifact import local_artifact, read_target_spec
+    def _resolve_models(self) -> None:
+        """The explainer as an absolute folder or URL, the target as a TargetSpec (the explainer's own when
+        not given) with an absolute checkpoint: actors may run in another directory."""
+        learned = [m for m in self.methods if m in explainer_names()]
+        if learned and not self.explainer:
+            raise ValueError(f"method {learned[0]!r} needs an explainer artifact directory (explainer=...)")
+        if self.explainer:
+            from l2r.artifact import resolve_explainer
 
-        recorded = read_target_spec(local_artifact(self.explainer, self.storage_options))
-        # What was asked for, not what the build resolved (the driver's build fills those again).
-        self.target = dataclasses.replace(recorded, class_names=None, num_classes=None, weights_sha256=None)
+            self.explainer = storage.absolute(resolve_explainer(self.explainer))  # a shipped name -> its folder
+        if self.target is None:
+            if not self.explainer:
+                raise ValueError("give the target model (target=... / --model) or an explainer artifact that records it")
+            from l2r.artifact import local_artifact, read_target_spec
+
+            recorded = read_target_spec(local_artifact(self.explainer, self.storage_options))
+            # What was asked for, not what the build resolved (the driver's build fills those again).
+            self.target = dataclasses.replace(recorded, class_names=None, num_classes=None, weights_sha256=None)
+        self.target = _as(TargetSpec, self.target, "target")
+        if self.target.checkpoint and not storage.is_url(self.target.checkpoint):
+            self.target = dataclasses.replace(self.target, checkpoint=os.path.abspath(self.target.checkpoint))
 
     def target_spec(self) -> TargetSpec:
         """A copy of the target for a build (a build fills the copy's resolved fields, not the config's)."""
