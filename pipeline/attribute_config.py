@@ -116,6 +116,11 @@ class AttributeConfig:
         extra = set(self.method_options) - set(self.methods)
         if extra:
             raise ValueError(f"method_options for methods not run: {sorted(extra)}")
+        for method in set(self.method_options) & set(explainer_names()):
+            taken = set(self.method_options[method]) & {"explainer", "refine_steps", "protocol"}
+            if taken:
+                raise ValueError(f"method_options[{method!r}] sets {sorted(taken)}: the job's own settings "
+                                 "(explainer=, refine_steps=, protocol=) give them")
 
     def _resolve_models(self) -> None:
         """The explainer as an absolute folder or URL, the target as a TargetSpec (the explainer's own when

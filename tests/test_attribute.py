@@ -294,6 +294,8 @@ def test_config_validation(assets, tmp_path):
         config(assets, tmp_path, methods="l2r", explainer=None)
     with pytest.raises(ValueError, match="reference"):
         config(assets, tmp_path, protocol={"reference": "white"})
+    with pytest.raises(ValueError, match="refine_steps"):
+        config(assets, tmp_path, method_options={"l2r": {"refine_steps": 3}})
 
 
 def test_a_plan_without_room_for_a_read_task_is_named(ray_local, assets, tmp_path):
