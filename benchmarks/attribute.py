@@ -242,10 +242,12 @@ def run_model(model: str, args, work: Path, cpus: int) -> dict:
     init_ray("local", num_cpus=cpus, num_gpus=1 if gpu else 0, include_dashboard=False, log_to_driver=False,
              logging_level="ERROR")
     config = AttributeConfig(
-        shards=shards, output=str(work / model / "out"), target=m["spec"], checkpoint=args.checkpoint
-        if model == "resnet20" else m["checkpoint"], mean=m["mean"], std=m["std"], input_size=(m["size"], m["size"]),
-        crop_pct=m["crop_pct"], background_logit=m["background_logit"], explainer=explainer_dir, methods=("l2r",),
-        steps=args.steps, device=args.device, actors=args.actors, actor_cpus=args.actor_cpus, threads=args.threads,
+        shards=shards, output=str(work / model / "out"), target=dict(
+            spec=m["spec"], checkpoint=args.checkpoint if model == "resnet20" else m["checkpoint"], mean=m["mean"],
+            std=m["std"], input_size=(m["size"], m["size"]), crop_pct=m["crop_pct"],
+            background_logit=m["background_logit"]),
+        explainer=explainer_dir, methods=("l2r",),
+        protocol={"steps": args.steps}, device=args.device, actors=args.actors, actor_cpus=args.actor_cpus, threads=args.threads,
         batch_size=args.batch_size, forward_batch=args.forward_batch, precision=args.precision,
         fast_path=args.fast_path, allow_target_mismatch=explainer is None, overwrite=True, progress_interval=60,
     )

@@ -81,7 +81,8 @@ def main(argv=None):
     if args.explainer and not args.target_checkpoint:
         p.error("--explainer needs --target-checkpoint (the target it was trained for)")
 
-    from pipeline.attribute import EXPLAINER_METHOD, AttributeConfig, read_results, run_attribution
+    from l2r.methods.learned import NAME as EXPLAINER_METHOD
+    from pipeline.attribute import AttributeConfig, read_results, run_attribution
     from l2r.reporting.report import ReportConfig, write_report
     from l2r.reporting.stats import markdown_table, summarize
     from l2r.shards import make_shards
@@ -98,9 +99,10 @@ def main(argv=None):
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.explainer:
         methods = [EXPLAINER_METHOD, *methods]
-    config = AttributeConfig(shards=shards, output=str(work / "results"), target=SPEC, checkpoint=checkpoint,
-                             model_kwargs=KWARGS, input_size=(SIZE, SIZE), explainer=args.explainer, methods=methods,
-                             steps=args.steps, reference=args.reference, with_mask=True, overwrite=True)
+    config = AttributeConfig(shards=shards, output=str(work / "results"),
+                             target={"spec": SPEC, "checkpoint": checkpoint, "kwargs": KWARGS, "input_size": SIZE},
+                             explainer=args.explainer, methods=methods,
+                             protocol={"steps": args.steps, "reference": args.reference}, with_mask=True, overwrite=True)
     start = time.perf_counter()
     run_attribution(config, log=log)
     seconds = time.perf_counter() - start

@@ -34,7 +34,7 @@ SHARD = SHARED / "data" / "imagenet-sample" / "val-0000.tar"
 CLASSES = SHARED / "data" / "imagenet-sample" / "classes.json"
 # The shared model as a user names it (not the artifact's recorded paths, which are those of the
 # machine it was trained on); the job checks that it is the model the explainer was trained for.
-TARGET = dict(target=f"{SHARED}/models/mobilenet_v1.py:MobileNetV1", checkpoint=str(SHARED / "models" / "mobilenet_v1_0.5_160.pth"),
+TARGET = dict(spec=f"{SHARED}/models/mobilenet_v1.py:MobileNetV1", checkpoint=str(SHARED / "models" / "mobilenet_v1_0.5_160.pth"),
               background_logit=True, mean=(0.50196,) * 3, std=(0.50196,) * 3, input_size=(160, 160), crop_pct=0.875)
 BASELINES = ("gradcam", "ig", "saliency", "rise", "random", "gaussian")
 REFINED = "l2r+refine"
@@ -122,13 +122,14 @@ def main(argv=None):
     p.add_argument("--report", action="store_true", help="write the report (gallery) for the black reference")
     args = p.parse_args(argv)
 
-    from pipeline.attribute import EXPLAINER_METHOD, AttributeConfig
+    from l2r.methods.learned import NAME as EXPLAINER_METHOD
+    from pipeline.attribute import AttributeConfig
 
     out = Path(args.output)
     baselines = tuple(m for m in args.methods.split(",") if m)
     results = {}
     for reference in [r for r in args.references.split(",") if r]:
-        common = dict(**TARGET, shards=args.shards, explainer=args.explainer, steps=args.steps, reference=reference,
+        common = dict(target=TARGET, shards=args.shards, explainer=args.explainer, protocol={"steps": args.steps, "reference": reference},
                       holdout_every=args.holdout_every, actors=args.actors, batch_size=args.batch_size)
         scores, cost = {}, {}
         runs = [("baselines", dict(methods=baselines))] if baselines else []
@@ -155,8 +156,8 @@ def main(argv=None):
 
         folder = out / "report-black"
         methods = (EXPLAINER_METHOD, *[m for m in baselines if m not in ("ig", "rise")])
-        run(AttributeConfig(**TARGET, shards=args.shards, explainer=args.explainer, steps=args.steps,
-                            reference="black", holdout_every=args.holdout_every, methods=methods,
+        run(AttributeConfig(target=TARGET, shards=args.shards, explainer=args.explainer,
+                            protocol={"steps": args.steps, "reference": "black"}, holdout_every=args.holdout_every, methods=methods,
                             actors=args.actors, batch_size=args.batch_size,
                             output=str(folder)), "report")
         write_report(ReportConfig(results=str(folder), gallery=8), log=lambda line: None)

@@ -43,6 +43,7 @@ forward + backward passes of the target to produce one map; the exact curves cos
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -97,26 +98,27 @@ def main(argv=None):
         p.error(f"unknown reference {unknown}; choose from {REFERENCES}")
 
     from l2r.zoo.resnet20 import CIFAR10_CLASSES
-    from pipeline.attribute import EXPLAINER_METHOD, AttributeConfig, read_results, run_attribution
+    from l2r.methods.learned import NAME as EXPLAINER_METHOD
+    from pipeline.attribute import AttributeConfig, read_results, run_attribution
     from l2r.reporting.report import ReportConfig, write_report
     from l2r.reporting.stats import markdown_table, summarize
     from l2r.results import Stats
 
-    target = {"target": SPEC, "checkpoint": str(CHECKPOINT), "model_kwargs": {}, "mean": MEAN, "std": STD,
+    target = {"spec": SPEC, "checkpoint": str(CHECKPOINT), "kwargs": {}, "mean": MEAN, "std": STD,
               "input_size": (SIZE, SIZE)}
     if args.target_info:
         info = json.loads(Path(args.target_info).read_text())
-        target = {"target": info["spec"], "checkpoint": args.target_info.removesuffix(".json"),
-                  "model_kwargs": info.get("kwargs") or {}, "mean": tuple(info["mean"]), "std": tuple(info["std"]),
+        target = {"spec": info["spec"], "checkpoint": args.target_info.removesuffix(".json"),
+                  "kwargs": info.get("kwargs") or {}, "mean": tuple(info["mean"]), "std": tuple(info["std"]),
                   "input_size": tuple(info["input_size"])}
     elif args.explainer:
-        from l2r.artifact import local_artifact, read_target_record
+        from l2r.artifact import local_artifact, read_target_spec
 
-        target = {"target": None}  # the job takes the artifact's record
-        spec = read_target_record(local_artifact(args.explainer)).spec
+        target = {k: v for k, v in read_target_spec(local_artifact(args.explainer)).to_dict().items()
+                  if k not in ("weight_source", "weights_sha256", "num_classes", "class_names")}
     if args.checkpoint:
         target["checkpoint"] = args.checkpoint
-    is_vit = "vit" in (target["target"] or spec)
+    is_vit = "vit" in target["spec"]
     methods = [m.strip() for m in (args.methods or ",".join(VIT_BASELINES if is_vit else BASELINES)).split(",")
                if m.strip()]
     if args.explainer:
@@ -131,9 +133,10 @@ def main(argv=None):
         (shard_dir / "classes.json").write_text(json.dumps({str(i): n for i, n in enumerate(CIFAR10_CLASSES)}))
 
     config = AttributeConfig(
-        shards=shards, output=str(work / "results"), **target, explainer=args.explainer,
-        methods=[EXPLAINER_METHOD] if args.baselines_from else methods, steps=args.steps,
-        reference=references[0], refine_steps=args.refine_steps, device=args.device, actors=args.actors,
+        shards=shards, output=str(work / "results"), target=target, explainer=args.explainer,
+        methods=[EXPLAINER_METHOD] if args.baselines_from else methods,
+        protocol={"steps": args.steps, "reference": references[0]}, refine_steps=args.refine_steps,
+        device=args.device, actors=args.actors,
         threads=args.threads, batch_size=args.batch_size, fast_path="eager", overwrite=True,
     )
     start = time.perf_counter()
@@ -165,7 +168,7 @@ def main(argv=None):
         elif reference != references[0]:
             table = rescore(table, config, reference, args.rescore_threads)
         stats = summarize(table, resamples=args.resamples, methods=methods)
-        print(f"\nCIFAR-10 test, first {run['images']} images, target {config.target}, {args.steps} steps, "
+        print(f"\nCIFAR-10 test, first {run['images']} images, target {config.target.spec}, {args.steps} steps, "
               f"reference {reference}, target class = prediction; "
               f"{seconds if reference == references[0] else time.perf_counter() - began:.0f} s")
         print(markdown_table(stats))
@@ -185,7 +188,7 @@ def main(argv=None):
                 for m, s in paired.items() if m not in ("images", EXPLAINER_METHOD)}
     print(json.dumps({
         "references": results, "cost": cost, "images": run["images"], "errors": run["errors"], "seconds": seconds,
-        "explainer": args.explainer, "target": config.target, "steps": args.steps,
+        "explainer": args.explainer, "target": config.target.spec, "steps": args.steps,
     }))
 
 
@@ -194,7 +197,8 @@ def with_kept_baselines(table, output: str, kept: Path, methods: list[str]):
     checking that both runs explained the same target on the same images under the same protocol."""
     import pyarrow as pa
 
-    from pipeline.attribute import EXPLAINER_METHOD, read_results
+    from l2r.methods.learned import NAME as EXPLAINER_METHOD
+    from pipeline.attribute import read_results
     from l2r.reporting.report import read_manifest
 
     ours, theirs = read_manifest(output)["identity"], read_manifest(str(kept))
@@ -226,7 +230,7 @@ def rescore_with_kept(table, config, reference: str, threads: int | None, kept: 
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from pipeline.attribute import EXPLAINER_METHOD
+    from l2r.methods.learned import NAME as EXPLAINER_METHOD
 
     ours = table.filter(pc.equal(table.column("method"), EXPLAINER_METHOD))
     baselines = table.filter(pc.not_equal(table.column("method"), EXPLAINER_METHOD))
@@ -258,11 +262,11 @@ def rescore(table, config, reference: str, threads: int | None = None):
 
     if threads:
         torch.set_num_threads(threads)
-    target = config.target_record().build("cpu")
-    size = tuple(config.input_size or target.input_size)
+    target = config.target_spec().build("cpu")
+    size = tuple(config.target.input_size or target.input_size)
     images = {}
     for url in sorted(set(table.column("source").to_pylist())):
-        for sample in iter_shard(url, size, config.crop_pct):
+        for sample in iter_shard(url, size, config.target.crop_pct):
             if sample["error"] is None:
                 images[(url, sample["key"])] = sample["image"]
     rows = table.to_pylist()
@@ -272,8 +276,7 @@ def rescore(table, config, reference: str, threads: int | None = None):
         scores = deletion_insertion(
             target, to_tensor(np.stack([images[(r["source"], r["key"])] for r in chunk])),
             torch.from_numpy(np.stack([decode_heatmap(r["heatmap"]) for r in chunk])),
-            torch.tensor([r["target"] for r in chunk]), steps=config.steps, reference=reference,
-            impute_noise=config.impute_noise, impute_seed=config.impute_seed)
+            torch.tensor([r["target"] for r in chunk]), dataclasses.replace(config.protocol, reference=reference))
         for j, r in enumerate(chunk):
             for name in ("deletion_auc", "insertion_auc"):
                 r[name] = float(scores[name][j])

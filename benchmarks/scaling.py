@@ -72,8 +72,8 @@ def in_fresh_process(script: str, *args: str) -> str:
 
 
 def attribute(shards: list[str], explainer: str | None, out: str, **options) -> dict:
-    config = dict(shards=shards, output=out, target=SPEC, checkpoint=str(CHECKPOINT), mean=MEAN, std=STD,
-                  input_size=(SIZE, SIZE), explainer=explainer, overwrite=True, progress_interval=3600)
+    config = dict(shards=shards, output=out, target=dict(spec=SPEC, checkpoint=str(CHECKPOINT), mean=MEAN, std=STD,
+                  input_size=(SIZE, SIZE)), explainer=explainer, overwrite=True, progress_interval=3600)
     config.update(options)
     return json.loads(in_fresh_process(ATTRIBUTE, json.dumps(config)).strip().splitlines()[-1])
 
@@ -138,7 +138,7 @@ def main(argv=None):
 def measure_driver(one: list[str], ten: list[str], explainer_dir: str, work: Path) -> dict:
     result = {}
     # One actor: the driver's work is what is measured, not the pool's start-up.
-    driver = {label: attribute(shards, explainer_dir, str(work / f"out-driver{label}"), methods=("random",), steps=3,
+    driver = {label: attribute(shards, explainer_dir, str(work / f"out-driver{label}"), methods=("random",), protocol={"steps": 3},
                                actors=1, threads=1)
               for label, shards in (("1x", one), ("10x", ten))}
     result["driver_peak_rss_growth_10x"] = round(driver["10x"]["driver_peak_rss_mb"] / driver["1x"]["driver_peak_rss_mb"], 3)
@@ -147,10 +147,11 @@ def measure_driver(one: list[str], ten: list[str], explainer_dir: str, work: Pat
     photos = SHARED / "data" / "imagenet-sample" / "val-0000.tar"
     if photos.is_file():
         stats = (0.50196,) * 3
-        large = attribute([str(photos)], None, str(work / "out-driver160"), methods=("random",), steps=3,
-                          target=f"{SHARED / 'models' / 'mobilenet_v1.py'}:MobileNetV1",
-                          checkpoint=str(SHARED / "models" / "mobilenet_v1_0.5_160.pth"), background_logit=True,
-                          input_size=(160, 160), crop_pct=0.875, mean=stats, std=stats, batch_size=16, actors=1,
+        large = attribute([str(photos)], None, str(work / "out-driver160"), methods=("random",), protocol={"steps": 3},
+                          target=dict(spec=f"{SHARED / 'models' / 'mobilenet_v1.py'}:MobileNetV1",
+                                      checkpoint=str(SHARED / "models" / "mobilenet_v1_0.5_160.pth"),
+                                      background_logit=True, input_size=(160, 160), crop_pct=0.875, mean=stats,
+                                      std=stats), batch_size=16, actors=1,
                           threads=1)
         result["driver_160px"] = {k: round(v, 2) for k, v in large.items()}
         result["driver_160px"]["driver_cpu_s_per_1000_images"] = round(large["driver_cpu_s"] / large["images"] * 1000, 2)

@@ -11,8 +11,10 @@
 - `load_target(spec, ...)`: a target model alone, from the same record the jobs use;
 - `preprocess(target, images)`: paths, bytes, PIL images or uint8 arrays -> (B,3,H,W) in [0,1],
   with the target's own resize and crop (the jobs' preprocessing);
-- `attribute(method, target, images, targets=None)`: any baseline by name (`l2r.methods`);
-- `score(target, images, maps, targets=None)`: the exact deletion/insertion protocol;
+- `attribute(method, target, images, targets=None, **options)`: any method by name (`l2r.methods`),
+  the trained explainer too: `attribute("l2r", explainer.target, images, explainer=explainer)`;
+- `score(target, images, maps, targets=None, protocol=None)`: the exact deletion/insertion curves
+  (`l2r.metrics.Protocol`, or its fields: `steps=11, reference="blur"`);
 - `report(results)`: the comparison report of an attribution job's output; a notebook shows its
   one-page picture (mean curves and a gallery).
 `targets=None` everywhere means the target's top-1 prediction.
@@ -27,20 +29,16 @@ import numpy as np
 import torch
 
 from l2r.images import decode_image, resize_and_crop, to_tensor
-from l2r.metrics import deletion_insertion
-from l2r.target_record import TargetRecord
+from l2r.metrics import Protocol, deletion_insertion
+from l2r.target_spec import TargetSpec
 
 
 def load_target(spec: str, checkpoint: str | None = None, device="cpu", **record_fields):
-    """The frozen target model (`TargetModel`): fields as `l2r.target_record.TargetRecord`'s.
+    """The frozen target model (`TargetModel`): fields as `l2r.target_spec.TargetSpec`'s.
 
     `timm:NAME` means timm's pretrained weights unless `checkpoint` or `random_init=True` is given.
-    The record is kept as `target.record`.
     """
-    record = TargetRecord(spec=spec, checkpoint=checkpoint, **record_fields)
-    target = record.build(device)
-    target.record = record
-    return target
+    return TargetSpec(spec=spec, checkpoint=checkpoint, **record_fields).build(device)
 
 
 def preprocess(target, images) -> torch.Tensor:
@@ -51,8 +49,7 @@ def preprocess(target, images) -> torch.Tensor:
     """
     if isinstance(images, (str, os.PathLike, bytes, np.ndarray)) or hasattr(images, "convert"):
         images = [images]
-    crop_pct = getattr(getattr(target, "record", None), "crop_pct", 1.0)
-    arrays = [resize_and_crop(_as_array(image), target.input_size, crop_pct) for image in images]
+    arrays = [resize_and_crop(_as_array(image), target.input_size, target.crop_pct) for image in images]
     device = target.mean.device
     return to_tensor(np.stack(arrays)).to(device)
 
@@ -81,26 +78,29 @@ def _targets(target, images, targets) -> torch.Tensor:
 
 
 def attribute(method: str, target, images: torch.Tensor, targets=None, **options) -> torch.Tensor:
-    """Maps (B,H,W) of a baseline method (gradcam, ig, saliency, rise, random, gaussian, ...)."""
+    """Maps (B,H,W) of a method by name (l2r, gradcam, ig, saliency, rise, random, gaussian, ...).
+
+    `l2r` needs `explainer=` (a `TrainedExplainer` from `load`, or its `.explainer`), trained for `target`.
+    """
     from l2r.methods import attribute as run
 
+    if isinstance(options.get("explainer"), TrainedExplainer):
+        options["explainer"] = options["explainer"].explainer
     maps, _ = run(method, target, images, _targets(target, images, targets), **options)
     return maps
 
 
-def score(target, images: torch.Tensor, maps: torch.Tensor, targets=None, steps: int = 21,
-          reference: str = "black") -> dict:
+def score(target, images: torch.Tensor, maps: torch.Tensor, targets=None, protocol: Protocol | None = None,
+          **protocol_fields) -> dict:
     """The exact deletion/insertion curves and AUCs of `maps` (see `l2r.metrics.deletion_insertion`)."""
-    return deletion_insertion(target, images, maps, _targets(target, images, targets), steps=steps,
-                              reference=reference)
+    return deletion_insertion(target, images, maps, _targets(target, images, targets), protocol, **protocol_fields)
 
 
 class TrainedExplainer:
     """An explainer with the target it explains: `explain(images)` gives the maps in one forward."""
 
-    def __init__(self, explainer, target, record: TargetRecord, metadata: dict):
+    def __init__(self, explainer, target, record: TargetSpec, metadata: dict):
         self.explainer, self.target, self.record, self.metadata = explainer, target, record, metadata
-        target.record = record
 
     def preprocess(self, images) -> torch.Tensor:
         return preprocess(self.target, images)
@@ -108,7 +108,7 @@ class TrainedExplainer:
     @torch.no_grad()
     def explain(self, images: torch.Tensor, targets=None) -> torch.Tensor:
         """Maps (B,H,W) for `targets` (default: the predicted classes); larger = more important."""
-        return self.explainer(images, _targets(self.target, images, targets))[:, 0].float()
+        return attribute("l2r", self.target, images, targets, explainer=self.explainer)
 
     __call__ = explain
 
@@ -122,12 +122,12 @@ def load(path, device="cpu", allow_target_mismatch: bool = False, **target_field
     `target_fields` (spec, checkpoint, ...) name another target; it must be the one the explainer
     was trained for (same weights and preprocessing) unless `allow_target_mismatch`.
     """
-    from l2r.artifact import load_artifact, local_artifact, read_target_record
+    from l2r.artifact import load_artifact, local_artifact, read_target_spec
 
     folder = local_artifact(path)
     record = None
     if target_fields:
-        record = TargetRecord.from_dict({**read_target_record(folder).to_dict(), "weights_sha256": None,
+        record = TargetSpec.from_dict({**read_target_spec(folder).to_dict(), "weights_sha256": None,
                                          "num_classes": None, **target_fields})
     explainer, target, record, metadata = load_artifact(folder, device, record, allow_target_mismatch)
     return TrainedExplainer(explainer, target, record, metadata)

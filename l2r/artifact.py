@@ -1,7 +1,7 @@
 """An explainer artifact as a whole: the explainer's files plus the record of the target it explains.
 
 The directory holds `model.safetensors` and `explainer.json` (`l2r.explainer.save_explainer`);
-the training job puts the target's `TargetRecord` under the metadata key "target" and the
+the training job puts the target's `TargetSpec` under the metadata key "target" and the
 folders its model module was imported from under "import_paths". This module reads them back,
 so that an artifact alone is enough to explain images: `load_artifact(path)`.
 """
@@ -14,10 +14,10 @@ from pathlib import Path
 
 from l2r.classifier import load_state_dict_checked, sha256_file
 from l2r.explainer import CONFIG_FILE, WEIGHTS_FILE, load_explainer, save_explainer
-from l2r.target_record import TargetRecord, check_same_target
+from l2r.target_spec import TargetSpec, check_same_target
 
 
-def save_artifact(path, explainer, record: TargetRecord, metadata: dict | None = None) -> Path:
+def save_artifact(path, explainer, record: TargetSpec, metadata: dict | None = None) -> Path:
     """Save the explainer with the (built) target record (metadata "import_paths": where a user's model
     module was imported from)."""
     metadata = {**(metadata or {}), "target": record.to_dict()}
@@ -31,7 +31,7 @@ def read_metadata(path) -> dict:
     return json.loads(document.read_text()).get("metadata", {})
 
 
-def read_target_record(path) -> TargetRecord:
+def read_target_spec(path) -> TargetSpec:
     """The target an artifact was trained for; puts its recorded import paths on sys.path so that a
     user's model module imports as it did at training time."""
     metadata = read_metadata(path)
@@ -54,10 +54,10 @@ def read_target_record(path) -> TargetRecord:
     crop = metadata.get("crop_pct")  # artifacts written before the record held crop_pct
     if crop is not None and "crop_pct" not in recorded:
         recorded = {**recorded, "crop_pct": crop}
-    return TargetRecord.from_dict(recorded)
+    return TargetSpec.from_dict(recorded)
 
 
-def load_artifact(path, device="cpu", record: TargetRecord | None = None, allow_target_mismatch: bool = False,
+def load_artifact(path, device="cpu", record: TargetSpec | None = None, allow_target_mismatch: bool = False,
                   storage_options: dict | None = None):
     """(explainer, target, target record, metadata) from an artifact directory.
 
@@ -65,8 +65,8 @@ def load_artifact(path, device="cpu", record: TargetRecord | None = None, allow_
     other than the one the explainer was trained for (weights, preprocessing) is an error
     unless `allow_target_mismatch`.
     """
-    trained = read_target_record(path)
-    record = record or TargetRecord.from_dict(trained.to_dict())
+    trained = read_target_spec(path)
+    record = record or TargetSpec.from_dict(trained.to_dict())
     target = record.build(device, storage_options)
     if not allow_target_mismatch:
         check_same_target(trained, record, f"in {path}")
@@ -74,7 +74,7 @@ def load_artifact(path, device="cpu", record: TargetRecord | None = None, allow_
     return explainer.to(device).eval(), target, record, metadata
 
 
-def start_from(explainer, path, record: TargetRecord, storage_options: dict | None = None) -> None:
+def start_from(explainer, path, record: TargetSpec, storage_options: dict | None = None) -> None:
     """Load an artifact's weights into a freshly built `explainer` (training's `train.init_from`).
 
     Refused, naming the artifact, unless it was trained for the same target (`record`, built: its
@@ -85,7 +85,7 @@ def start_from(explainer, path, record: TargetRecord, storage_options: dict | No
 
     folder = local_artifact(path, storage_options)
     where = f"{path} (train.init_from)"
-    check_same_target(read_target_record(folder), record, where)
+    check_same_target(read_target_spec(folder), record, where)
     document = json.loads((Path(folder) / CONFIG_FILE).read_text())
     built = json.loads(json.dumps(explainer.config))  # as JSON holds it: lists, not tuples
     differing = sorted(k for k in set(built) | set(document["config"]) if built.get(k) != document["config"].get(k))
@@ -130,9 +130,9 @@ def resolve_explainer(path) -> str:
 
 def local_artifact(path, storage_options: dict | None = None) -> str:
     """A local folder for an artifact given as a shipped explainer's name, a folder or an fsspec URL
-    (s3://...: its two files are fetched once per node into the cache of `l2r.target_record.fetch`)."""
+    (s3://...: its two files are fetched once per node into the cache of `l2r.target_spec.fetch`)."""
     from l2r.explainer import WEIGHTS_FILE
-    from l2r.target_record import fetch
+    from l2r.target_spec import fetch
 
     path = str(path)
     if "://" not in path:
@@ -148,7 +148,7 @@ def _same_folder(files: list[str]) -> str:
     import hashlib
     import os
 
-    from l2r.target_record import cache_dir
+    from l2r.target_spec import cache_dir
 
     folder = cache_dir() / "artifacts" / hashlib.sha256("|".join(files).encode()).hexdigest()[:16]
     folder.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ perturbation a blend in raw pixel space. Models come from a spec string:
 
 `timm:NAME` means timm's pretrained weights unless a checkpoint file is given or `random_init`
 asks for an untrained model; weights that cannot be obtained are an error, never a silently
-random model. `l2r.target_record.TargetRecord` is the record that says which of these to build.
+random model. `l2r.target_spec.TargetSpec` is the record that says which of these to build.
 """
 
 from __future__ import annotations
@@ -58,12 +58,14 @@ class TargetModel(nn.Module):
         class_names: Sequence[str] | None = None,
         spec: str = "",
         background_logit: bool = False,
+        crop_pct: float = 1.0,
     ):
         super().__init__()
         self.net = net
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
         self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.crop_pct = float(crop_pct)  # images are resized to input_size / crop_pct, then centre-cropped
         self.num_classes = int(num_classes)
         self.class_names = list(class_names) if class_names is not None else None
         self.spec = spec
@@ -263,6 +265,12 @@ def import_callable(spec: str):
     return obj
 
 
+def check_weights_choice(spec: str, checkpoint, random_init: bool) -> None:
+    """Random weights and a weight file exclude each other (the one place this is decided)."""
+    if random_init and checkpoint:
+        raise ValueError(f"target {spec}: random_init and a checkpoint ({checkpoint}) exclude each other")
+
+
 def build_target(
     spec: str,
     checkpoint: str | os.PathLike | None = None,
@@ -274,13 +282,14 @@ def build_target(
     class_names: Sequence[str] | None = None,
     background_logit: bool = False,
     init_seed: int = 0,
+    crop_pct: float = 1.0,
 ) -> TargetModel:
     """Build the frozen target model from a spec (see the module docstring).
 
     timm models are pretrained unless a `checkpoint` file (which replaces the download) or
     `random_init` is given, and take their preprocessing from timm's pretrained config unless
     `mean`, `std`, `input_size` are given; a user's model needs `input_size` (mean/std default
-    to ImageNet's). `checkpoint` is a local file here (`l2r.target_record.fetch` brings URLs).
+    to ImageNet's). `checkpoint` is a local file here (`l2r.target_spec.fetch` brings URLs).
     
     The network is constructed under its own RNG seeded with `init_seed`, so that weights that do
     not come from a file (random_init, a user's constructor) are the same in every process.
@@ -288,8 +297,7 @@ def build_target(
     kwargs = dict(model_kwargs or {})
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint file not found: {checkpoint}")
-    if random_init and checkpoint is not None:
-        raise ValueError(f"model {spec}: random_init and a checkpoint ({checkpoint}) exclude each other")
+    check_weights_choice(spec, checkpoint, random_init)
 
     if spec.startswith("timm:"):
         import timm
@@ -338,6 +346,7 @@ def build_target(
         class_names=class_names,
         spec=spec,
         background_logit=background_logit,
+        crop_pct=crop_pct,
     )
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -435,17 +434,11 @@ def save_explainer(path: str | os.PathLike, explainer: Explainer, metadata: dict
     # clone(): safetensors refuses tensors that share memory.
     state = {k: v.detach().cpu().contiguous().clone() for k, v in explainer.state_dict().items()}
     save_file(state, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+    # The target an explainer was trained for is recorded once, by l2r.artifact (metadata "target"), and
+    # checked there; documents written before that also have a top-level "target", which is not read.
     document = {"format_version": FORMAT_VERSION, "config": explainer.config, "metadata": metadata or {},
                 # Checked on load: weights changed after this was written are refused.
                 "file_sha256": {WEIGHTS_FILE: sha256_file(path / WEIGHTS_FILE)}}
-    if isinstance(explainer.backbone, TargetLayersBackbone):
-        target = explainer.backbone.target
-        document["target"] = {
-            "spec": target.spec,
-            "weights_sha256": target.weights_sha256,
-            "num_classes": target.num_classes,
-            "input_size": list(target.input_size),
-        }
     (path / CONFIG_FILE).write_text(json.dumps(document, indent=2) + "\n")
     return path
 
@@ -466,14 +459,6 @@ def load_explainer(path: str | os.PathLike, target: TargetModel | None = None) -
     document = json.loads(config_file.read_text())
     if document.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{config_file}: unsupported format_version {document.get('format_version')!r}")
-    recorded = document.get("target")
-    if (recorded and target is not None and recorded.get("weights_sha256")
-            and target.weights_sha256 != recorded["weights_sha256"]):
-        warnings.warn(
-            f"{config_file}: explainer was trained on target {recorded['spec']} with weights sha256 "
-            f"{recorded['weights_sha256'][:16]}..., loading with {target.spec} weights {target.weights_sha256[:16]}...",
-            stacklevel=2,
-        )
     recorded_sha = document.get("file_sha256", {}).get(WEIGHTS_FILE)  # absent in artifacts written before
     if recorded_sha is not None and sha256_file(weights_file) != recorded_sha:
         raise ValueError(f"{weights_file}: its sha256 differs from the one {config_file} records: the weights "

@@ -68,25 +68,29 @@ def deletion_insertion(
     images: torch.Tensor,
     maps: torch.Tensor,
     targets: torch.Tensor | None = None,
-    steps: int = 21,
-    reference: str = "black",
+    protocol: Protocol | None = None,
     max_batch: int = 1024,
     clean_probs: torch.Tensor | None = None,
-    impute_noise: float = NOISE_SIGMA,
-    impute_seed: int = 0,
+    **protocol_fields,
 ) -> dict[str, torch.Tensor]:
     """Exact curves for maps (B, H, W) or (B, 1, H, W) on images (B, 3, H, W).
 
-    targets None means the top-1 prediction. Returns `deletion_curve` (B, K) over the
-    fraction deleted, `insertion_curve` (B, K) over the fraction inserted (the curve of
-    deleting least-important-first, read backwards), their AUCs (B,), `targets`,
-    `clean_probs` (B, C) and `fractions` (K,). `impute_noise` and `impute_seed` apply to
-    the "impute" reference only.
+    `protocol` says what the score means (steps, reference, the impute reference's noise);
+    scoring by hand may give its fields instead (`steps=11, reference="blur"`), not both.
+    targets None means the top-1 prediction (the protocol's target rule is the caller's:
+    it picks `targets`). Returns `deletion_curve` (B, K) over the fraction deleted,
+    `insertion_curve` (B, K) over the fraction inserted (the curve of deleting
+    least-important-first, read backwards), their AUCs (B,), `targets`, `clean_probs`
+    (B, C) and `fractions` (K,).
     """
+    if protocol is None:
+        protocol = Protocol(**protocol_fields)
+    elif protocol_fields:
+        raise TypeError(f"give the protocol or its fields, not both: {sorted(protocol_fields)}")
     b, _, h, w = images.shape
     if maps.shape[0] != b or maps.shape[-2:] != (h, w) or maps.numel() != b * h * w:
         raise ValueError(f"maps {tuple(maps.shape)} do not fit images {tuple(images.shape)}")
-    Protocol(steps=steps, reference=reference, impute_noise=impute_noise, impute_seed=impute_seed)  # validates
+    steps, reference = protocol.steps, protocol.reference
     device = images.device
     fracs = fractions(steps, device)
     if clean_probs is None:
@@ -97,7 +101,7 @@ def deletion_insertion(
     rows = torch.arange(b, device=device)
     y_clean = clean_probs[rows, targets]
 
-    impute_options = {"impute_noise": impute_noise, "impute_seed": impute_seed}
+    impute_options = {"impute_noise": protocol.impute_noise, "impute_seed": protocol.impute_seed}
     if is_constant_reference(reference):
         refs = make_reference(images[:1], reference, **impute_options).expand_as(images)
         y_ref = model(refs[:1])[0, targets]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from l2r.metrics import deletion_insertion
+from l2r.metrics import Protocol, deletion_insertion
 from l2r.objective import ObjectiveConfig, curve_weights, perturbed_target_probs, soft_masks
 from l2r.perturbation import soft_references
 from l2r.ranking import pixel_ranks
@@ -42,16 +42,17 @@ def refine(
     tau: float = 0.1,
     grid: int = 16,
     k: int = 16,
-    reference: str = "black",
     sinkhorn_iters: int = 30,
     verify: bool = True,
-    eval_steps: int = 21,
+    protocol: Protocol = Protocol(),
 ) -> tuple[torch.Tensor, dict]:
-    """Refined maps (B, H, W) and the cost per image (target passes)."""
+    """Refined maps (B, H, W) and the cost per image (target passes, `refine_cost`).
+
+    The soft objective uses the protocol's reference; the verification scores with the protocol."""
     b, _, h, w = images.shape
     base = rank_uniform(maps)
     grid = min(grid, h, w)
-    cfg = ObjectiveConfig(k_train=k, sinkhorn_iters=sinkhorn_iters, reference=reference, smooth_sigma=0.0)
+    cfg = ObjectiveConfig(k_train=k, sinkhorn_iters=sinkhorn_iters, reference=protocol.reference, smooth_sigma=0.0)
     base_cells = F.adaptive_avg_pool2d(base[:, None], grid).flatten(1).detach()
     delta = torch.zeros_like(base_cells, requires_grad=True)
     optimiser = torch.optim.Adam([delta], lr=lr)
@@ -59,7 +60,7 @@ def refine(
     with torch.enable_grad():
         for _ in range(steps):
             masks = soft_masks(base_cells + delta, grid, (h, w), tau, cfg, noise=False)
-            refs = soft_references(images, masks, reference, torch.Generator().manual_seed(0))
+            refs = soft_references(images, masks, protocol.reference, torch.Generator().manual_seed(0))
             y = perturbed_target_probs(model, images, refs, masks, targets)
             loss = (y * weights).sum() / b
             optimiser.zero_grad()
@@ -67,14 +68,17 @@ def refine(
             optimiser.step()
     correction = F.interpolate(delta.detach().view(b, 1, grid, grid), size=(h, w), mode="nearest")
     refined = base + correction[:, 0]
-    passes = steps * 2 * k
-    cost = {"forward_passes": passes, "backward_passes": passes}
     if verify:
-        before = deletion_insertion(model, images, base, targets, steps=eval_steps, reference=reference)
-        after = deletion_insertion(model, images, refined, targets, steps=eval_steps, reference=reference,
-                                   clean_probs=before["clean_probs"])
+        before = deletion_insertion(model, images, base, targets, protocol)
+        after = deletion_insertion(model, images, refined, targets, protocol, clean_probs=before["clean_probs"])
         better = (after["insertion_auc"] - after["deletion_auc"]) > (before["insertion_auc"] - before["deletion_auc"])
         refined = torch.where(better.view(-1, 1, 1), refined, base)
-        # Clean image once, then each map's interior steps and the reference.
-        cost["forward_passes"] += 1 + 2 * (2 * (eval_steps - 2) + 1)
-    return refined, cost
+    return refined, refine_cost(steps, k, verify, protocol)
+
+
+def refine_cost(steps: int, k: int = 16, verify: bool = True, protocol: Protocol = Protocol()) -> dict:
+    """Target passes per image of `refine` with these settings."""
+    passes = steps * 2 * k
+    # Verifying: the clean image once, then each map's interior steps and the reference.
+    verification = 1 + 2 * (2 * (protocol.steps - 2) + 1) if verify else 0
+    return {"forward_passes": passes + verification, "backward_passes": passes}

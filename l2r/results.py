@@ -28,8 +28,6 @@ import pyarrow as pa
 
 from l2r import storage
 
-# The method name under which the trained explainer's own maps are stored (the baselines: l2r.methods).
-EXPLAINER_METHOD = "l2r"
 PARQUET_DIR = "parquet"
 DONE_DIR = "done"
 PARTS_DIR = "parts"

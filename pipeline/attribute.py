@@ -34,9 +34,8 @@ from pathlib import Path
 from typing import Callable
 
 from l2r import storage
-from l2r.methods import control_names
-from pipeline.attribute_config import (EXPLAINER_METHOD, AttributeConfig, all_methods,  # noqa: F401  (the job's API)
-                                       resolve_fast_path)
+from l2r.methods import control_names, explainer_names
+from pipeline.attribute_config import AttributeConfig, all_methods, resolve_fast_path  # noqa: F401  (the job's API)
 from pipeline.attributor import AttributionWorker
 from pipeline.progress import Progress, quiet_ray_data
 from pipeline.ray_connect import init_ray
@@ -44,7 +43,7 @@ from l2r.results import (DONE_DIR, MANIFEST, MANIFEST_VERSION, PARQUET_DIR, Outp
                               merge_parts, output_names, read_results)
 
 
-__all__ = ["AttributeConfig", "EXPLAINER_METHOD", "MANIFEST", "all_methods", "read_results", "run_attribution"]
+__all__ = ["AttributeConfig", "MANIFEST", "all_methods", "read_results", "run_attribution"]
 
 
 def explainer_identity(path: str) -> dict:
@@ -110,7 +109,7 @@ def _cluster_plan(config: AttributeConfig, input_size: tuple[int, int] | None = 
         threads = max(1, int(actor_cpus))
     else:
         threads = max(1, int(cpus // actors))
-    h, w = input_size or config.input_size or (32, 32)
+    h, w = input_size or config.target.input_size or (32, 32)
     batches = CPU_BATCHES["small" if h * w <= CPU_SMALL_IMAGE_PIXELS else "large"]
     return {"device": "cpu", "actors": actors, "num_cpus": actor_cpus, "num_gpus": 0, "threads": threads,
             "batch_size": config.batch_size or batches["batch_size"],
@@ -148,9 +147,9 @@ def _identity(config: AttributeConfig, record, explainer: dict | None) -> dict:
     return {
         "methods": list(config.methods),
         "method_options": config.method_options,
-        "refine_steps": config.refine_steps if EXPLAINER_METHOD in config.methods else 0,
+        "refine_steps": config.refine_steps if _learned(config) else 0,
         "protocol": config.protocol.to_dict(),
-        "crop_pct": config.crop_pct,
+        "crop_pct": config.target.crop_pct,
         "target": record.to_dict(),
         "explainer_weights_sha256": explainer["weights_sha256"] if explainer else None,
         # Only when set, so outputs written before the option existed still resume.
@@ -163,17 +162,22 @@ def _identity(config: AttributeConfig, record, explainer: dict | None) -> dict:
 
 
 
+def _learned(config: AttributeConfig) -> list[str]:
+    """The methods of the run whose maps come from the trained explainer."""
+    return [m for m in config.methods if m in explainer_names()]
+
+
 def _check_explainer(config: AttributeConfig, record, log) -> dict | None:
     """The explainer's identity, after checking it was trained for this target (unless allowed)."""
-    if EXPLAINER_METHOD not in config.methods:
+    if not _learned(config):
         return None
-    from l2r.artifact import local_artifact, read_target_record
-    from l2r.target_record import check_same_target
+    from l2r.artifact import local_artifact, read_target_spec
+    from l2r.target_spec import check_same_target
 
     folder = local_artifact(config.explainer, config.storage_options)
     explainer = explainer_identity(folder)
     try:
-        trained = read_target_record(folder)
+        trained = read_target_spec(folder)
     except ValueError:  # an explainer saved without a record (not by the training job): nothing to check
         log(f"warning: {config.explainer} does not record the target it was trained for; not checked")
         return explainer
@@ -219,7 +223,7 @@ def run_attribution(config: AttributeConfig, log: Callable[[str], None] | None =
     names = output_names(urls)
     output = Output(config.output, config.storage_options)
 
-    record = config.target_record()
+    record = config.target_spec()
     if record.random_init:
         log(f"warning: target {record.spec} has random weights (random_init): its maps explain an untrained model")
     target = record.build("cpu", config.storage_options)
@@ -285,26 +289,7 @@ def run_attribution(config: AttributeConfig, log: Callable[[str], None] | None =
     first_batch = None  # start-up (actors, model loading, first read) ends with the first summary
     actor_restarts = 0  # actors Ray restarted after they died; their batches were retried
     if todo:
-        settings = {
-            "device": plan["device"],
-            "threads": plan["threads"],
-            "methods": list(config.methods),
-            "method_options": config.method_options,
-            "refine_steps": config.refine_steps,
-            "with_mask": config.with_mask,
-            "sanity_stages": config.sanity_stages,
-            "sanity_seed": config.sanity_seed,
-            "protocol": config.protocol.to_dict(),
-            "forward_batch": plan["forward_batch"],
-            "precision": config.precision,
-            "fast_path": plan["fast_path"],
-            "target": record.to_dict(),
-            "storage_options": config.storage_options,
-            "explainer": storage.absolute(config.explainer) if explainer else None,
-            "output": output.url,
-            "names": {url: names[url] for url in todo},
-        }
-        ds = read_shards(todo, target.input_size, crop_pct=config.crop_pct, with_mask=config.with_mask,
+        ds = read_shards(todo, target.input_size, crop_pct=config.target.crop_pct, with_mask=config.with_mask,
                          filesystem=filesystem, num_cpus=config.read_cpus, rows_per_batch=plan["batch_size"],
                          holdout_every=config.holdout_every, part="holdout")
         # A read task's rows otherwise leave as one block of up to 128 MiB (a whole shard): one actor
@@ -327,7 +312,8 @@ def run_attribution(config: AttributeConfig, log: Callable[[str], None] | None =
             num_cpus=plan["num_cpus"],
             num_gpus=plan["num_gpus"] or None,
             resources=config.actor_resources or None,
-            fn_constructor_kwargs={"settings": settings},
+            fn_constructor_kwargs={"config": config, "plan": plan, "record": record,
+                                   "names": {url: names[url] for url in todo}},
         )
         ds.context.execution_options.preserve_order = True  # shard i is complete when shard i+1 starts
         ds.context.enable_progress_bars = config.ray_progress_bars

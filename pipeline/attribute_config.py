@@ -7,8 +7,10 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from l2r import storage
+from l2r.methods import explainer_names, method_names
 from l2r.metrics import Protocol
-from l2r.results import EXPLAINER_METHOD  # noqa: F401  (the job's name for it)
+from l2r.target_spec import TargetSpec
 # bf16 autocasts the passes (softmax stays float32, l2r.classifier); the curves themselves are
 # accumulated in float32 either way.
 PRECISIONS = ("fp32", "bf16")
@@ -21,6 +23,7 @@ FAST_PATHS = ("eager", "channels_last")
 # "auto": the fastest measured on each device (benchmarks/attribute.py --fast-path; benchmarks/RESULTS.md,
 # "Attribution throughput on a CPU" and "GPU runs").
 FAST_PATH_DEFAULT = {"cpu": "channels_last", "cuda": "channels_last"}
+DEVICES = ("auto", "cpu", "cuda")  # auto: GPU actors when the cluster has GPUs
 
 
 def resolve_fast_path(fast_path: str, device: str) -> str:
@@ -28,9 +31,27 @@ def resolve_fast_path(fast_path: str, device: str) -> str:
 
 
 def all_methods() -> tuple[str, ...]:
-    from l2r.methods import method_names
+    return method_names()
 
-    return (EXPLAINER_METHOD, *method_names())
+
+def defaults(cls) -> dict:
+    """The default of each field of a dataclass that has one (what a command line offers)."""
+    found = {}
+    for item in dataclasses.fields(cls):
+        if item.default is not dataclasses.MISSING:
+            found[item.name] = item.default
+        elif item.default_factory is not dataclasses.MISSING:
+            found[item.name] = item.default_factory()
+    return found
+
+
+def _as(cls, value, name: str):
+    """A nested section: the dataclass itself, or a dict of its fields (YAML, JSON, a manifest)."""
+    if isinstance(value, dict):
+        return cls(**value)
+    if not isinstance(value, cls):
+        raise ValueError(f"{name} must be a {cls.__module__}.{cls.__name__} or a dict of its fields, got {value!r}")
+    return value
 
 
 @dataclass
@@ -39,31 +60,21 @@ class AttributeConfig:
 
     shards: str | list[str]
     output: str
-    target: str | None = None  # model spec: timm:NAME or package.module:callable; None: the explainer's
-    checkpoint: str | None = None  # weight file, local or fsspec URL (timm: replaces the pretrained weights)
-    random_init: bool = False  # explain an untrained model on purpose (recorded, warned about)
-    init_seed: int = 0  # seeds the model's construction (weights not read from a file)
-    background_logit: bool = False  # the model's logit 0 is a background class: dropped
-    model_kwargs: dict = field(default_factory=dict)
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    input_size: tuple[int, int] | None = None
-    crop_pct: float = 1.0
+    # The model explained (spec, weights, kwargs, preprocessing; a dict of its fields also does).
+    # None: the one the explainer was trained for, from its artifact.
+    target: TargetSpec | None = None
     explainer: str | None = None  # artifact directory or URL (needed for method l2r)
     allow_target_mismatch: bool = False  # use the explainer with a target it was not trained for
-    methods: tuple[str, ...] = (EXPLAINER_METHOD,)
+    methods: tuple[str, ...] = ("l2r",)  # names in l2r.methods
     method_options: dict = field(default_factory=dict)  # {"rise": {"n_masks": 500}, ...}
     refine_steps: int = 0  # test-time refinement of the l2r map (l2r.refine)
-    steps: int = Protocol.steps
-    reference: str = Protocol.reference  # black | mean | blur | impute (l2r.perturbation.REFERENCES)
-    impute_noise: float = Protocol.impute_noise  # the "impute" reference's noise sigma
-    impute_seed: int = Protocol.impute_seed
-    target_rule: str = Protocol.target  # prediction | ground_truth
+    # What a score means: steps, reference, target rule, the impute reference's noise (a dict also does).
+    protocol: Protocol = field(default_factory=Protocol)
     sanity_stages: int = 0  # > 0: the model randomisation sanity check with this many cascade stages (l2r.sanity)
     sanity_seed: int = 0
     with_mask: bool = False  # read mask.png of each sample; add pointing_hit and mask_auroc
     holdout_every: int = 0  # > 0: only the samples a training run with data.holdout_every N held back
-    device: str = "auto"  # auto (GPU actors when the cluster has GPUs) | cpu | cuda
+    device: str = "auto"  # DEVICES
     actors: int | None = None  # default: one per GPU; on CPU one per CPU left after reads
     actor_cpus: float | None = None  # default: 1 per GPU actor; on CPU what reads leave, shared
     actor_gpus: float = 1.0
@@ -90,22 +101,14 @@ class AttributeConfig:
             raise ValueError(f"unknown methods {unknown}; choose from {known}")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods repeated: {self.methods}")
-        if EXPLAINER_METHOD in self.methods and not self.explainer:
-            raise ValueError("method 'l2r' needs an explainer artifact directory (explainer=...)")
-        if self.explainer:
-            from l2r.artifact import resolve_explainer
-
-            self.explainer = resolve_explainer(self.explainer)  # a shipped explainer's name -> its folder
-        if self.target is None:
-            if not self.explainer:
-                raise ValueError("give the target model (target=... / --model) or an explainer artifact that records it")
-            self._target_from_artifact()
+        self.protocol = _as(Protocol, self.protocol, "protocol")
+        self._resolve_models()
         if self.sanity_stages < 0:
             raise ValueError("sanity_stages must be >= 0 (0: no sanity check)")
         if self.refine_steps < 0:
             raise ValueError("refine_steps must be >= 0")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.fast_path not in ("auto", *FAST_PATHS):
@@ -113,38 +116,37 @@ class AttributeConfig:
         extra = set(self.method_options) - set(self.methods)
         if extra:
             raise ValueError(f"method_options for methods not run: {sorted(extra)}")
-        self.protocol  # validates steps/reference/target
+        for method in set(self.method_options) & set(explainer_names()):
+            taken = set(self.method_options[method]) & {"explainer", "refine_steps", "protocol"}
+            if taken:
+                raise ValueError(f"method_options[{method!r}] sets {sorted(taken)}: the job's own settings "
+                                 "(explainer=, refine_steps=, protocol=) give them")
 
-    def _target_from_artifact(self) -> None:
-        """Fill the target model from the explainer artifact's record (written by the training job)."""
-        from l2r.artifact import local_artifact, read_target_record
+    def _resolve_models(self) -> None:
+        """The explainer as an absolute folder or URL, the target as a TargetSpec (the explainer's own when
+        not given) with an absolute checkpoint: actors may run in another directory."""
+        learned = [m for m in self.methods if m in explainer_names()]
+        if learned and not self.explainer:
+            raise ValueError(f"method {learned[0]!r} needs an explainer artifact directory (explainer=...)")
+        if self.explainer:
+            from l2r.artifact import resolve_explainer
 
-        recorded = read_target_record(local_artifact(self.explainer, self.storage_options))
-        self.target = recorded.spec
-        self.checkpoint = recorded.checkpoint
-        self.random_init = recorded.random_init
-        self.init_seed = recorded.init_seed
-        self.background_logit = recorded.background_logit
-        self.model_kwargs = dict(recorded.kwargs)
-        self.mean, self.std, self.input_size = recorded.mean, recorded.std, recorded.input_size
-        self.crop_pct = recorded.crop_pct
+            self.explainer = storage.absolute(resolve_explainer(self.explainer))  # a shipped name -> its folder
+        if self.target is None:
+            if not self.explainer:
+                raise ValueError("give the target model (target=... / --model) or an explainer artifact that records it")
+            from l2r.artifact import local_artifact, read_target_spec
 
-    def target_record(self):
-        """The target this run explains, as `l2r.target_record.TargetRecord` (not yet built)."""
-        from l2r.target_record import TargetRecord
+            recorded = read_target_spec(local_artifact(self.explainer, self.storage_options))
+            # What was asked for, not what the build resolved (the driver's build fills those again).
+            self.target = dataclasses.replace(recorded, class_names=None, num_classes=None, weights_sha256=None)
+        self.target = _as(TargetSpec, self.target, "target")
+        if self.target.checkpoint and not storage.is_url(self.target.checkpoint):
+            self.target = dataclasses.replace(self.target, checkpoint=os.path.abspath(self.target.checkpoint))
 
-        checkpoint = self.checkpoint
-        if checkpoint and "://" not in str(checkpoint):
-            checkpoint = os.path.abspath(checkpoint)  # actors may run in another directory
-        return TargetRecord(spec=self.target, checkpoint=checkpoint, random_init=self.random_init,
-                            init_seed=self.init_seed, kwargs=self.model_kwargs, mean=self.mean, std=self.std,
-                            input_size=self.input_size, crop_pct=self.crop_pct,
-                            background_logit=self.background_logit)
-
-    @property
-    def protocol(self) -> Protocol:
-        return Protocol(steps=self.steps, reference=self.reference, target=self.target_rule,
-                        impute_noise=self.impute_noise, impute_seed=self.impute_seed)
+    def target_spec(self) -> TargetSpec:
+        """A copy of the target for a build (a build fills the copy's resolved fields, not the config's)."""
+        return dataclasses.replace(self.target)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))

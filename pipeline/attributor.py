@@ -26,75 +26,58 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from l2r.metrics import Protocol
-from pipeline.attribute_config import EXPLAINER_METHOD
+from l2r.methods import explainer_names, get_method
 from l2r.results import SCHEMA, Output, write_parts
 
 
 class Attributor:
-    """Loads the target (and explainer) once; turns a batch of decoded rows into output rows."""
+    """Loads the target (and explainer) once; turns a batch of decoded rows into output rows.
 
-    def __init__(self, settings: dict):
+    `config` is the job's `AttributeConfig` (validated on the driver); `plan` what the driver
+    decided from it and the cluster (device, threads, forward_batch, fast_path: `_cluster_plan`);
+    `record` the target the driver built (its weights' sha256 is checked here), default the config's.
+    """
+
+    def __init__(self, config, plan: dict, record=None):
         import torch
 
-        from l2r.target_record import TargetRecord
-
-        threads = settings.get("threads")
-        if threads:
-            torch.set_num_threads(int(threads))
-        self.device = torch.device(settings["device"])
-        self.methods = tuple(settings["methods"])
-        self.method_options = settings.get("method_options") or {}
-        self.refine_steps = int(settings.get("refine_steps") or 0)
-        self.protocol = Protocol(**settings["protocol"])
-        self.forward_batch = int(settings["forward_batch"])
-        self.precision = settings.get("precision") or "fp32"
-        self.with_mask = bool(settings.get("with_mask"))
-        record = TargetRecord.from_dict(settings["target"])
+        if plan.get("threads"):
+            torch.set_num_threads(int(plan["threads"]))
+        self.config = config
+        self.device = torch.device(plan["device"])
+        self.methods = tuple(config.methods)
+        self.protocol = config.protocol
+        self.forward_batch = int(plan["forward_batch"])
+        record = record or config.target_spec()
         expected = record.weights_sha256
-        self.target = record.build(self.device, settings.get("storage_options"))
+        self.target = record.build(self.device, config.storage_options)
         if expected and record.weights_sha256 != expected:
             # E.g. a checkpoint path that holds another file on this node than on the driver's.
             raise RuntimeError(f"target {record.spec}: the weights loaded on this node (sha256 "
                                f"{record.weights_sha256[:16]}...) are not the driver's ({expected[:16]}...)")
-        self.fast_path = settings.get("fast_path") or "eager"
-        if self.fast_path == "channels_last":
+        if plan["fast_path"] == "channels_last":
             # NHWC weights: the convolutions run channels-last, inputs converted on the fly.
             self.target.to(memory_format=torch.channels_last)
-        self.explainer = None
-        self.explainer_forwards = 0
-        if EXPLAINER_METHOD in self.methods:
-            from l2r.artifact import local_artifact
-            from l2r.explainer import load_explainer
-
-            folder = local_artifact(settings["explainer"], settings.get("storage_options"))
-            self.explainer, _ = load_explainer(folder, target=self.target)
-            self.explainer.to(self.device).eval()
-            # An explainer on the target's own layers runs the target once per map.
-            self.explainer_forwards = 1 if self.explainer.config.get("backbone") == "target" else 0
-        self.sanity_models = self._sanity_models(settings) if settings.get("sanity_stages") else []
+        self.explainer = self._explainer(self.target) if set(self.methods) & set(explainer_names()) else None
+        self.sanity_models = self._sanity_models() if config.sanity_stages else []
         self.calls = 0
 
-    def _sanity_models(self, settings) -> list[tuple]:
-        """(target, explainer) per cascade stage: the target randomised from the top (l2r.sanity)."""
-        import warnings
+    def _explainer(self, target):
+        """The explainer on `target` (the driver checked it was trained for the run's target)."""
+        from l2r.artifact import local_artifact
+        from l2r.explainer import load_explainer
 
+        explainer, _ = load_explainer(local_artifact(self.config.explainer, self.config.storage_options), target=target)
+        return explainer.to(self.device).eval()
+
+    def _sanity_models(self) -> list[tuple]:
+        """(target, explainer) per cascade stage: the target randomised from the top (l2r.sanity)."""
         from l2r.sanity import cascade, randomised_copy
 
         models = []
-        for layers in cascade(self.target.net, int(settings["sanity_stages"])):
-            target = randomised_copy(self.target, layers, int(settings.get("sanity_seed") or 0))
-            explainer = None
-            if self.explainer is not None:
-                from l2r.artifact import local_artifact
-                from l2r.explainer import load_explainer
-
-                with warnings.catch_warnings():  # it is not the explainer's target, on purpose
-                    warnings.simplefilter("ignore")
-                    explainer, _ = load_explainer(local_artifact(settings["explainer"], settings.get("storage_options")),
-                                                  target=target)
-                explainer.to(self.device).eval()
-            models.append((target, explainer))
+        for layers in cascade(self.target.net, self.config.sanity_stages):
+            target = randomised_copy(self.target, layers, self.config.sanity_seed)
+            models.append((target, self._explainer(target) if self.explainer is not None else None))
         return models
 
     def _sync(self):
@@ -103,34 +86,34 @@ class Attributor:
 
             torch.cuda.synchronize(self.device)
 
+    def _options(self, method, explainer) -> dict:
+        """The method's options: the configured ones; for a method of a trained explainer, the explainer,
+        the refinement and the protocol it verifies against."""
+        options = dict(self.config.method_options.get(method, {}))
+        if get_method(method).needs_explainer:
+            options.update(explainer=explainer, refine_steps=self.config.refine_steps, protocol=self.protocol)
+        return options
+
     def _map(self, method, images, targets, target=None, explainer=None):
         """(maps (B,H,W), cost per image) for one method; of another target (and its explainer) if given."""
         import torch
 
-        target = target or self.target
-        if method == EXPLAINER_METHOD:
-            with torch.no_grad():
-                maps = (explainer or self.explainer)(images, targets)[:, 0].float()
-            cost = {"forward_passes": self.explainer_forwards, "backward_passes": 0}
-            if self.refine_steps:
-                from l2r.refine import refine
-
-                # Verified against the same exact protocol the rows are scored with.
-                maps, extra = refine(target, images, maps, targets, steps=self.refine_steps,
-                                     reference=self.protocol.reference, eval_steps=self.protocol.steps)
-                cost = {k: cost[k] + extra[k] for k in cost}
-            return maps.detach(), cost
         from l2r.methods import attribute
 
-        # Baselines make their maps in float32 whatever the precision: Captum and pytorch-grad-cam
+        options = self._options(method, explainer or self.explainer)
+        # Most methods make their maps in float32 whatever the precision: Captum and pytorch-grad-cam
         # hand activations and gradients to numpy, which has no bfloat16.
-        with torch.autocast(self.device.type, enabled=False):
-            return attribute(method, target, images, targets, **self.method_options.get(method, {}))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=get_method(method).bf16 and self.precision_bf16):
+            return attribute(method, target or self.target, images, targets, **options)
 
     def _autocast(self):
         import torch
 
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision_bf16)
+
+    @property
+    def precision_bf16(self) -> bool:
+        return self.config.precision == "bf16"
 
     def __call__(self, batch: dict) -> pa.Table:
         with self._autocast():
@@ -159,7 +142,7 @@ class Attributor:
         pred = pred_prob = target = target_prob = None
         h, w = batch["image"].shape[1:3]
         masks = None
-        if self.with_mask:
+        if self.config.with_mask:
             if "mask" not in batch:
                 raise ValueError("with_mask is set but the batch has no 'mask' column (read_shards(with_mask=True))")
             masks = torch.from_numpy(np.asarray(batch["mask"], dtype=bool)[idx]).to(self.device)
@@ -250,9 +233,7 @@ class Attributor:
         if bad.any():
             maps = torch.where(bad[:, None, None], torch.zeros_like(maps), maps)
         start = time.perf_counter()
-        result = deletion_insertion(self.target, images, maps, targets, steps=self.protocol.steps,
-                                    reference=self.protocol.reference, max_batch=self.forward_batch,
-                                    impute_noise=self.protocol.impute_noise, impute_seed=self.protocol.impute_seed,
+        result = deletion_insertion(self.target, images, maps, targets, self.protocol, max_batch=self.forward_batch,
                                     clean_probs=clean)
         self._sync()
         eval_seconds = (time.perf_counter() - start) / b
@@ -289,15 +270,14 @@ class AttributionWorker:
     """The actor class given to ``map_batches``: one ``Attributor`` per actor, which writes its
     rows to the output itself and returns their summaries (``l2r.results.PART_SUMMARY``)."""
 
-    def __init__(self, settings: dict):
+    def __init__(self, config, plan: dict, record, names: dict):
         import torch
 
-        settings = dict(settings)
-        if settings["device"] == "cuda" and not torch.cuda.is_available():
+        if plan["device"] == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("a GPU actor was placed on a node without CUDA")
-        self.attributor = Attributor(settings)
-        self.output = Output(settings["output"], settings.get("storage_options"))
-        self.names = settings["names"]
+        self.attributor = Attributor(config, plan, record)
+        self.output = Output(config.output, config.storage_options)
+        self.names = names
         # Ray Data restarts (or replaces) an actor that died, killed for memory say, and retries its
         # batches: the driver counts starts beyond the pool's size as restarts.
         self.output.record_actor_start()

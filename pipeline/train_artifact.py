@@ -8,12 +8,12 @@ import tempfile
 from pathlib import Path
 
 from l2r import storage as l2r_storage
-from l2r.artifact import describe_start, local_artifact, read_target_record, resolve_explainer, save_artifact
+from l2r.artifact import describe_start, local_artifact, read_target_spec, resolve_explainer, save_artifact
 from l2r.explainer import CONFIG_FILE as EXPLAINER_FILE
 from l2r.objective import ObjectiveConfig
-from l2r.target_record import TargetRecord, check_same_target
+from l2r.target_spec import TargetSpec, check_same_target
 from pipeline.config import storage_options
-from pipeline.train_target import target_record
+from pipeline.train_target import target_spec
 
 
 def artifact_metadata(config: dict, step: int) -> dict:
@@ -32,7 +32,7 @@ def artifact_metadata(config: dict, step: int) -> dict:
     }
 
 
-def write_artifact(explainer, record: TargetRecord, config: dict, step: int) -> str:
+def write_artifact(explainer, record: TargetSpec, config: dict, step: int) -> str:
     """The artifact into <run_dir>/explainer (written locally, then copied when the storage is remote)."""
     destination = f"{config['run_dir']}/explainer"
     metadata = artifact_metadata(config, step)
@@ -71,5 +71,5 @@ def initial_explainer(config: dict, options: dict | None) -> tuple[dict, dict]:
     given = str(config["train"]["init_from"])
     path = given if "://" in given else str(Path(resolve_explainer(given)).resolve())
     folder = local_artifact(path, options)
-    check_same_target(read_target_record(folder), target_record(config), f"{given} (train.init_from)")
+    check_same_target(read_target_spec(folder), target_spec(config), f"{given} (train.init_from)")
     return {**config["train"], "init_from": path}, {"explainer": given, **describe_start(folder)}

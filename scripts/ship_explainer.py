@@ -54,7 +54,6 @@ def ship(run_dir: Path, name: str, with_target_weights: bool = False, target_wei
     model_file, _, attr = metadata["target"]["spec"].rpartition(":")
     if model_file.endswith(".py") and "://" not in model_file:  # a user's model file, as the checkpoint
         metadata["target"]["spec"] = f"{os.path.relpath(model_file, folder)}:{attr}"
-        document.get("target", {})["spec"] = metadata["target"]["spec"]
     # The project's own models import from the package (l2r.zoo): the checkout is no import path.
     metadata["import_paths"] = [os.path.relpath(p, folder) if "://" not in p else p
                                 for p in metadata.get("import_paths", []) if Path(p).resolve() != ROOT]

@@ -53,3 +53,12 @@ class TinyExplainer(nn.Module):
     def forward(self, x, targets):
         h = torch.relu(self.conv1(x) + self.embed(targets)[:, :, None, None])
         return self.conv2(h)
+
+
+def attributor(fast_path="eager", forward_batch=64, **config_fields):
+    """The attribution job's per-batch work alone (no Ray): an Attributor for an AttributeConfig of these fields."""
+    from pipeline.attribute_config import AttributeConfig
+    from pipeline.attributor import Attributor
+
+    config = AttributeConfig(shards="unused", output="unused", **config_fields)
+    return Attributor(config, {"device": "cpu", "threads": 1, "forward_batch": forward_batch, "fast_path": fast_path})

@@ -49,7 +49,7 @@ class RayNode:
         """``ports``: fixed ports by option name (e.g. ``{"dashboard-port": 8265}``); the others are free ones."""
         # Short: Ray's socket paths have a length limit.
         self.temp_dir = tempfile.mkdtemp(prefix="l2rray_", dir="/tmp")
-        # Its own model cache too (l2r.target_record.fetch): a node downloads what it uses.
+        # Its own model cache too (l2r.target_spec.fetch): a node downloads what it uses.
         self.env = {**ray_env(), "L2R_CACHE": f"{self.temp_dir}/cache"}
         # Every port `ray start` opens, each a free one: a head always starts its API server (a minimal one
         # without the dashboard) on --dashboard-port, whose default 8265 fails when another Ray holds it.

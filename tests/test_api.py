@@ -11,7 +11,7 @@ import l2r
 from l2r.artifact import save_artifact
 from l2r.classifier import WeightsUnavailableError, build_target
 from l2r.explainer import build_explainer
-from l2r.target_record import TargetMismatchError, TargetRecord, fetch
+from l2r.target_spec import TargetMismatchError, TargetSpec, fetch
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = "l2r.zoo.resnet20:ResNetCifar"
@@ -23,7 +23,7 @@ def make_artifact(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     net = build_target(SPEC, model_kwargs=KWARGS, input_size=32, init_seed=seed).net
     weights = folder / f"target-{seed}.pt"
     torch.save(net.state_dict(), weights)
-    record = TargetRecord(SPEC, checkpoint=str(weights), kwargs=KWARGS, input_size=(32, 32))
+    record = TargetSpec(SPEC, checkpoint=str(weights), kwargs=KWARGS, input_size=(32, 32))
     explainer = build_explainer({"backbone": "target", "layers": ["layer1", "layer2"], "dim": 8, "head_dim": 8},
                                 target=record.build())
     save_artifact(folder / "runs" / "demo" / "explainer", explainer, record, {"steps": 0})
@@ -64,6 +64,12 @@ def test_explain_matches_the_explainer_and_targets_default_to_prediction(tmp_pat
     assert not torch.equal(explainer.explain(images, other), direct)
     # A single class for the whole batch, as a plain int.
     assert explainer.explain(images, 3).shape == (3, 32, 32)
+    # l2r is a method like the others: by name, with its explainer.
+    assert torch.equal(l2r.attribute("l2r", explainer.target, images, explainer=explainer), direct)
+    assert torch.equal(l2r.attribute("l2r", explainer.target, images, other, explainer=explainer.explainer),
+                       explainer.explain(images, other))
+    with pytest.raises(ValueError, match="needs a trained explainer"):
+        l2r.attribute("l2r", explainer.target, images)
 
 
 def test_preprocess_accepts_paths_bytes_pil_and_arrays_alike(tmp_path):
@@ -102,13 +108,13 @@ def test_timm_name_means_pretrained_and_unreachable_weights_are_a_clear_error(mo
     with pytest.raises(WeightsUnavailableError):
         l2r.load_target("timm:resnet18")
     # Random weights only when asked for, and then recorded as such.
-    record = TargetRecord("timm:test_resnet", random_init=True, kwargs={"num_classes": 5})
+    record = TargetSpec("timm:test_resnet", random_init=True, kwargs={"num_classes": 5})
     with pytest.warns(UserWarning, match="random initialisation"):
         record.build()
     assert record.weight_source == "random" and record.num_classes == 5
-    assert TargetRecord("timm:test_resnet").weight_source == "timm-pretrained"
+    assert TargetSpec("timm:test_resnet").weight_source == "timm-pretrained"
     with pytest.raises(ValueError, match="exclude each other"):
-        TargetRecord("timm:test_resnet", checkpoint="w.pt", random_init=True)
+        TargetSpec("timm:test_resnet", checkpoint="w.pt", random_init=True)
 
 
 def test_weights_hash_identifies_weights_not_files(tmp_path):
@@ -116,16 +122,16 @@ def test_weights_hash_identifies_weights_not_files(tmp_path):
     rec = l2r.load(a).record
     net = build_target(SPEC, model_kwargs=KWARGS, input_size=32).net
     torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "wrapped.pth")
-    again = TargetRecord(SPEC, checkpoint=str(tmp_path / "wrapped.pth"), kwargs=KWARGS, input_size=(32, 32))
+    again = TargetSpec(SPEC, checkpoint=str(tmp_path / "wrapped.pth"), kwargs=KWARGS, input_size=(32, 32))
     again.build()
     assert again.weights_sha256 == rec.weights_sha256 and not again.differences(rec)
 
 
 def test_record_round_trips_and_reads_older_artifacts():
-    record = TargetRecord("timm:x", kwargs={"a": 1}, mean=[0.5] * 3, std=[0.2] * 3, input_size=[8, 9],
+    record = TargetSpec("timm:x", kwargs={"a": 1}, mean=[0.5] * 3, std=[0.2] * 3, input_size=[8, 9],
                           background_logit=True, crop_pct=0.9)
-    assert TargetRecord.from_dict(record.to_dict()) == record
-    old = TargetRecord.from_dict({"spec": "timm:x", "pretrained": False, "checkpoint": None, "checksum": "ab"})
+    assert TargetSpec.from_dict(record.to_dict()) == record
+    old = TargetSpec.from_dict({"spec": "timm:x", "pretrained": False, "checkpoint": None, "checksum": "ab"})
     assert old.random_init and old.weight_source == "random"
 
 

@@ -12,15 +12,14 @@ import torch
 from l2r.classifier import build_target
 from l2r.artifact import save_artifact
 from l2r.explainer import build_explainer
-from l2r.target_record import TargetRecord
+from l2r.target_spec import TargetSpec
 from l2r.images import decode_heatmap, to_tensor
-from l2r.metrics import deletion_insertion
+from l2r.metrics import Protocol, deletion_insertion
 from pipeline import attribute as att
-from pipeline.attributor import Attributor
 from l2r.results import SCHEMA
 from l2r.shard_reader import iter_shard
 from l2r.shards import make_shards
-from tests.helpers import png_bytes, write_tar
+from tests.helpers import attributor, png_bytes, write_tar
 from tests.conftest_ray import ray_local  # noqa: F401  (session-scoped Ray fixture)
 
 SIZE = 16
@@ -43,7 +42,7 @@ def assets(tmp_path_factory):
     torch.manual_seed(0)
     target = build_target(SPEC, model_kwargs=KWARGS, random_init=True, input_size=(SIZE, SIZE))
     torch.save(target.net.state_dict(), root / "target.pt")
-    record = TargetRecord(SPEC, checkpoint=str(root / "target.pt"), kwargs=KWARGS, input_size=(SIZE, SIZE))
+    record = TargetSpec(SPEC, checkpoint=str(root / "target.pt"), kwargs=KWARGS, input_size=(SIZE, SIZE))
     target = record.build()
     explainer = build_explainer({"backbone": "target", "layers": ["layer1", "layer2"], "dim": 8, "head_dim": 8},
                                 target=target)
@@ -63,7 +62,7 @@ def job_args(assets, output, shards=None, methods=METHODS, extra=()):
 
 def config(assets, output, **overrides):
     settings = dict(shards=str(assets["root"] / "shards" / "train-{0000..0003}.tar"), output=str(output),
-                    target=SPEC, checkpoint=assets["checkpoint"], model_kwargs=KWARGS, input_size=(SIZE, SIZE),
+                    target=TargetSpec(SPEC, checkpoint=assets["checkpoint"], kwargs=KWARGS, input_size=(SIZE, SIZE)),
                     explainer=assets["explainer"], methods=METHODS, actors=1, actor_cpus=1.0, batch_size=5)
     settings.update(overrides)
     return att.AttributeConfig(**settings)
@@ -143,6 +142,53 @@ def test_aucs_match_recomputation_from_stored_map(assets, full_run):
     np.testing.assert_allclose(again["deletion_curve"].numpy(), [r["deletion_curve"] for r in rows], atol=1e-5)
 
 
+def test_the_api_gives_the_jobs_l2r_maps(assets, full_run):
+    """l2r.attribute("l2r", ...) on the same images: the job's stored rankings and AUCs (the job ran the
+    target channels-last, so a near-tie may swap)."""
+    import l2r
+    from l2r.images import decode_heatmap_ranks, heatmap_ranks
+
+    output, _ = full_run
+    rows = [r for r in att.read_results(str(output)).to_pylist() if r["error"] is None and r["method"] == "l2r"]
+    rows = rows[:8]
+    images = {}
+    for url in {r["source"] for r in rows}:
+        images.update({(url, x["key"]): x["image"] for x in iter_shard(url, SIZE)})
+    batch = to_tensor(np.stack([images[(r["source"], r["key"])] for r in rows]))
+    targets = torch.tensor([r["target"] for r in rows])
+    explainer = l2r.load(assets["explainer"])
+    maps = l2r.attribute("l2r", explainer.target, batch, targets, explainer=explainer)
+    same = [np.mean(heatmap_ranks(m.numpy()) == decode_heatmap_ranks(r["heatmap"])) for m, r in zip(maps, rows)]
+    assert min(same) > 0.9
+    scores = l2r.score(explainer.target, batch, maps, targets)
+    np.testing.assert_allclose(scores["deletion_auc"].numpy(), [r["deletion_auc"] for r in rows], atol=2e-3)
+
+
+def test_the_command_lines_defaults_are_the_configurations(monkeypatch, tmp_path):
+    """jobs/attribute.py repeats no default: a bare command line gives the configuration's defaults."""
+    import jobs.attribute as job
+    from l2r.metrics import TARGET_RULES
+    from l2r.perturbation import REFERENCES
+
+    made = []
+    monkeypatch.setattr(job, "run_attribution", lambda config: made.append(config) or {})
+    job.main(["--shards", "s.tar", "--output", str(tmp_path), "--model", SPEC, "--methods", "random"])
+    assert made == [att.AttributeConfig(shards="s.tar", output=str(tmp_path), target={"spec": SPEC}, methods="random")]
+    with pytest.raises(SystemExit):  # a target flag without --model would be ignored: refused
+        job.main(["--shards", "s.tar", "--output", str(tmp_path), "--checkpoint", "w.pt", "--methods", "random"])
+    choices = {a.dest: a.choices for a in job.build_parser()._actions if a.choices}
+    assert choices["reference"] == REFERENCES and choices["target"] == TARGET_RULES
+
+
+def test_a_saved_config_reloads(assets, tmp_path):
+    saved = config(assets, tmp_path, protocol=Protocol(steps=9, reference="impute", impute_seed=3),
+                   method_options={"random": {"seed": 2}})
+    again = att.AttributeConfig(**json.loads(json.dumps(saved.to_dict())))
+    assert again == saved and again.protocol == Protocol(steps=9, reference="impute", impute_seed=3)
+    with pytest.raises(TypeError, match="nope"):
+        att.AttributeConfig(**{**saved.to_dict(), "nope": 1})
+
+
 def test_bad_samples_become_error_rows(full_run):
     output, _ = full_run
     rows = att.read_results(str(output)).to_pylist()
@@ -214,10 +260,10 @@ def test_crash_and_rerun_gives_each_key_once(ray_local, assets, tmp_path):
 
     # Same output, different protocol: refused instead of mixing results.
     with pytest.raises(ValueError, match="different configuration"):
-        att.run_attribution(config(assets, output, methods="l2r,random", steps=11), log=lambda line: None)
+        att.run_attribution(config(assets, output, methods="l2r,random", protocol={"steps": 11}), log=lambda line: None)
     # ... unless told to start over: then only the new results remain.
     shard = str(assets["root"] / "shards" / "train-0003.tar")
-    att.run_attribution(config(assets, output, shards=shard, methods="random", steps=11, overwrite=True),
+    att.run_attribution(config(assets, output, shards=shard, methods="random", protocol={"steps": 11}, overwrite=True),
                         log=lambda line: None)
     rows = att.read_results(str(output)).to_pylist()
     assert sorted(p.name for p in (output / "parquet").iterdir()) == ["train-0003.parquet"]
@@ -226,16 +272,13 @@ def test_crash_and_rerun_gives_each_key_once(ray_local, assets, tmp_path):
 
 def test_attributor_with_refinement_without_ray(assets):
     """The per-batch work alone: refinement of the l2r map is counted in its cost."""
-    settings = {"device": "cpu", "threads": 1, "methods": ["l2r", "saliency"], "method_options": {},
-                "refine_steps": 2, "protocol": {"steps": 6, "reference": "blur", "target": "prediction"},
-                "forward_batch": 64, "explainer": assets["explainer"],
-                "target": {"spec": SPEC, "checkpoint": assets["checkpoint"], "kwargs": KWARGS,
-                           "input_size": (SIZE, SIZE)}}
     rows = list(iter_shard(str(assets["root"] / "shards" / "train-0003.tar"), SIZE))
     batch = {k: np.array([r[k] for r in rows], dtype=object) for k in ("key", "source", "error")}
     batch["image"] = np.stack([r["image"] for r in rows])
     batch["label"] = np.array([r["label"] for r in rows])
-    table = Attributor(settings)(batch)
+    table = attributor(methods=["l2r", "saliency"], refine_steps=2, protocol=Protocol(steps=6, reference="blur"),
+                       explainer=assets["explainer"],
+                       target=TargetSpec(SPEC, checkpoint=assets["checkpoint"], kwargs=KWARGS, input_size=SIZE))(batch)
     assert table.schema == SCHEMA and table.num_rows == 2 * len(rows)
     good = [r for r in table.to_pylist() if r["error"] is None]
     # Explainer pass + 2 steps x 2 directions x k 16, + the exact check of both maps (K=6).
@@ -250,7 +293,9 @@ def test_config_validation(assets, tmp_path):
     with pytest.raises(ValueError, match="explainer"):
         config(assets, tmp_path, methods="l2r", explainer=None)
     with pytest.raises(ValueError, match="reference"):
-        config(assets, tmp_path, reference="white")
+        config(assets, tmp_path, protocol={"reference": "white"})
+    with pytest.raises(ValueError, match="refine_steps"):
+        config(assets, tmp_path, method_options={"l2r": {"refine_steps": 3}})
 
 
 def test_a_plan_without_room_for_a_read_task_is_named(ray_local, assets, tmp_path):
@@ -272,19 +317,18 @@ def test_target_comes_from_the_artifact(assets, tmp_path):
     with pytest.raises(ValueError, match="does not record its target"):
         config(assets, tmp_path, target=None, explainer=str(bare))
     # The job's own artifact records the target it was saved with.
-    cfg = config(assets, tmp_path, target=None, checkpoint=None, model_kwargs={}, input_size=None)
-    assert (cfg.target, cfg.checkpoint, cfg.model_kwargs, cfg.input_size) == (SPEC, assets["checkpoint"], KWARGS,
-                                                                              (SIZE, SIZE))
+    cfg = config(assets, tmp_path, target=None)
+    assert (cfg.target.spec, cfg.target.checkpoint, cfg.target.kwargs, cfg.target.input_size) == (
+        SPEC, assets["checkpoint"], KWARGS, (SIZE, SIZE))
     recorded = tmp_path / "artifact"
     recorded.mkdir()
     document["metadata"] = {"crop_pct": 0.875, "import_paths": [str(tmp_path / "models")], "target": {
         "spec": SPEC, "checkpoint": assets["checkpoint"], "kwargs": KWARGS, "mean": [0.5] * 3, "std": [0.25] * 3,
         "input_size": [SIZE, SIZE]}}
     (recorded / "explainer.json").write_text(json.dumps(document))
-    cfg = config(assets, tmp_path, target=None, checkpoint=None, model_kwargs={}, input_size=None,
-                 explainer=str(recorded))
-    assert (cfg.target, cfg.checkpoint, cfg.model_kwargs) == (SPEC, assets["checkpoint"], KWARGS)
-    assert cfg.mean == (0.5, 0.5, 0.5) and cfg.input_size == (SIZE, SIZE) and cfg.crop_pct == 0.875
+    cfg = config(assets, tmp_path, target=None, explainer=str(recorded))
+    assert (cfg.target.spec, cfg.target.checkpoint, cfg.target.kwargs) == (SPEC, assets["checkpoint"], KWARGS)
+    assert cfg.target.mean == (0.5, 0.5, 0.5) and cfg.target.input_size == (SIZE, SIZE) and cfg.target.crop_pct == 0.875
     assert str(tmp_path / "models") in sys.path
     sys.path.remove(str(tmp_path / "models"))
     with pytest.raises(FileNotFoundError, match="explainer.json"):
@@ -363,12 +407,11 @@ def test_the_fast_path_keeps_the_eager_fp32_aucs(shared_cifar10):
     batch = {k: np.array([r[k] for r in rows], dtype=object) for k in ("key", "source", "error")}
     batch["image"] = np.stack([r["image"] for r in rows])
     batch["label"] = np.array([r["label"] for r in rows])
-    settings = {"device": "cpu", "threads": 1, "methods": ["gradcam", "saliency"], "method_options": {},
-                "protocol": {"steps": 21, "reference": "black", "target": "prediction"}, "forward_batch": 128,
-                "target": {"spec": "l2r.zoo.resnet20:resnet20", "checkpoint": str(RESNET20),
-                           "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "input_size": (32, 32)}}
-    eager = Attributor({**settings, "fast_path": "eager"})(batch).to_pylist()
-    fast = Attributor({**settings, "fast_path": "channels_last"})(batch).to_pylist()
+    settings = dict(methods=["gradcam", "saliency"], forward_batch=128, target=TargetSpec(
+        "l2r.zoo.resnet20:resnet20", checkpoint=str(RESNET20), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+        input_size=(32, 32)))
+    eager = attributor(fast_path="eager", **settings)(batch).to_pylist()
+    fast = attributor(fast_path="channels_last", **settings)(batch).to_pylist()
     assert len(eager) == len(fast) == 48 and all(r["error"] is None for r in eager + fast)
     for e, f in zip(eager, fast):
         assert (e["key"], e["method"], e["pred"]) == (f["key"], f["method"], f["pred"])

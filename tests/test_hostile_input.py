@@ -165,12 +165,11 @@ def test_labels_negative_or_far_out_of_range(tmp_path):
     torch.save(target.net.state_dict(), tmp_path / "target.pt")
     from pipeline.attribute_config import AttributeConfig
 
-    cfg = AttributeConfig(shards=str(tmp_path / "labels.tar"), output=str(tmp_path / "out"), target="timm:test_resnet",
-                          checkpoint=str(tmp_path / "target.pt"), model_kwargs={"num_classes": 10},
-                          input_size=(SIZE, SIZE), methods=["random"], target_rule="ground_truth")
-    attributor = Attributor({"device": "cpu", "threads": 1, "methods": ["random"], "method_options": {},
-                             "protocol": cfg.protocol.to_dict(), "forward_batch": 8,
-                             "target": cfg.target_record().to_dict(), "explainer": None})
+    cfg = AttributeConfig(shards=str(tmp_path / "labels.tar"), output=str(tmp_path / "out"),
+                          target={"spec": "timm:test_resnet", "checkpoint": str(tmp_path / "target.pt"),
+                                  "kwargs": {"num_classes": 10}, "input_size": (SIZE, SIZE)},
+                          methods=["random"], protocol={"target": "ground_truth"})
+    attributor = Attributor(cfg, {"device": "cpu", "threads": 1, "forward_batch": 8, "fast_path": "eager"})
     batch_rows = [beyond, fine]
     batch = {k: np.array([r[k] for r in batch_rows], dtype=object) for k in ("key", "source", "error")}
     batch["image"] = np.stack([r["image"] for r in batch_rows])

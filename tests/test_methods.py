@@ -6,7 +6,7 @@ import torch.nn as nn
 
 pytest.importorskip("timm")
 
-from l2r.methods import (Method, attribute, control_names, gaussian_map, method_cost, method_names, register,
+from l2r.methods import (Method, attribute, control_names, explainer_names, gaussian_map, method_cost, method_names, register,
                          requires_grad, rise_masks)
 from l2r.classifier import TargetModel, build_target
 from l2r.metrics import deletion_insertion
@@ -259,8 +259,9 @@ def test_missing_optional_package_says_how_to_install(method, package, monkeypat
 
 
 def test_every_method_is_listed():
-    assert set(method_names()) == set(CNN_METHODS) | set(VIT_METHODS)
+    assert set(method_names()) == {"l2r"} | set(CNN_METHODS) | set(VIT_METHODS)
     assert control_names() == ("random", "gaussian")
+    assert explainer_names() == ("l2r",)
 
 
 def test_a_new_method_is_one_registration(cnn, images):

@@ -70,6 +70,18 @@ def test_protocol_validation_and_shape_errors():
         Protocol(reference="impute", impute_noise=-1.0)
 
 
+def test_a_protocol_scores_as_its_fields_do():
+    model, x, maps = LinearTwoClass(8), torch.rand(3, 3, 8, 8), torch.rand(3, 8, 8)
+    given = deletion_insertion(model, x, maps, protocol=Protocol(steps=7, reference="blur"))
+    by_fields = deletion_insertion(model, x, maps, steps=7, reference="blur")
+    assert given["deletion_curve"].shape == (3, 7)
+    assert torch.equal(given["deletion_curve"], by_fields["deletion_curve"])
+    with pytest.raises(TypeError, match="not both"):
+        deletion_insertion(model, x, maps, protocol=Protocol(), steps=7)
+    with pytest.raises(ValueError, match="steps"):
+        deletion_insertion(model, x, maps, steps=1)
+
+
 # ---------------------------------------------------------------- evidence masks
 
 

@@ -12,7 +12,7 @@ import tarfile
 
 import pytest
 
-from l2r.artifact import load_artifact, read_target_record
+from l2r.artifact import load_artifact, read_target_spec
 from pipeline import attribute as att
 from pipeline import config as C
 from pipeline import train as T
@@ -49,7 +49,7 @@ def test_paper_config_trains_and_attributes_at_224_px(ray_local, tmp_path):
     assert all(m["loss"] == m["loss"] for m in metrics) and "val_deletion_auc" in metrics[-1]
     print(f"224 px, batch 2, tiny ViTs: {[round(m['step_time_s'], 2) for m in metrics]} s/step")
 
-    record = read_target_record(artifact)
+    record = read_target_spec(artifact)
     assert record.weight_source == "random" and record.input_size == (224, 224) and record.crop_pct == 0.875
     explainer, target, _, metadata = load_artifact(artifact)
     assert metadata["steps"] == 2 and target.gradient_checkpointing is False
@@ -60,7 +60,7 @@ def test_paper_config_trains_and_attributes_at_224_px(ray_local, tmp_path):
             out.addfile(member, src.extractfile(member))
     lines = []
     summary = att.run_attribution(att.AttributeConfig(shards=str(few), output=str(tmp_path / "attr"),
-                                                      explainer=artifact, methods=("l2r", "random"), steps=6,
+                                                      explainer=artifact, methods=("l2r", "random"), protocol={"steps": 6},
                                                       actors=1, batch_size=8), log=lines.append)
     assert summary["images"] == 8 and summary["errors"] == 0
     assert any("random weights" in line for line in lines)  # an untrained target is said out loud

@@ -15,7 +15,7 @@ import torch
 import l2r
 from l2r.classifier import build_target
 from l2r.images import decode_heatmap
-from l2r.target_record import TargetMismatchError
+from l2r.target_spec import TargetMismatchError, TargetSpec
 from pipeline import attribute as att
 from pipeline import config as C
 from pipeline.train_target import make_target
@@ -24,7 +24,7 @@ from tests.conftest import SHARED
 from tests.conftest_ray import ray_local  # noqa: F401
 
 MODELS, IMAGENET = SHARED / "models", SHARED / "data" / "imagenet-sample" / "val-0000.tar"
-MOBILENET = dict(target=f"{MODELS / 'mobilenet_v1.py'}:MobileNetV1", checkpoint=str(MODELS / "mobilenet_v1_0.5_160.pth"),
+MOBILENET = dict(spec=f"{MODELS / 'mobilenet_v1.py'}:MobileNetV1", checkpoint=str(MODELS / "mobilenet_v1_0.5_160.pth"),
                  background_logit=True, input_size=(160, 160), crop_pct=0.875, mean=(0.50196,) * 3, std=(0.50196,) * 3)
 # The first class, an apostrophe in the key, and a grayscale JPEG.
 KEYS = ("n01440764_tench", "n02966687_carpenter's_kit", "n02815834_beaker")
@@ -51,7 +51,7 @@ def imagenet_few(tmp_path_factory):
 def test_mobilenet_attribution_rescores_exactly_and_matches_the_notebook_api(ray_local, imagenet_few, tmp_path):
     shard, samples = imagenet_few
     config = att.AttributeConfig(shards=str(shard), output=str(tmp_path / "out"), methods=("gradcam", "random"),
-                                 target_rule="ground_truth", actors=1, batch_size=4, **MOBILENET)
+                                 protocol={"target": "ground_truth"}, actors=1, batch_size=4, target=MOBILENET)
     summary = att.run_attribution(config, log=lambda line: None)
     assert summary["images"] == 3 and summary["errors"] == 0
     rows = att.read_results(str(tmp_path / "out")).to_pylist()
@@ -62,7 +62,7 @@ def test_mobilenet_attribution_rescores_exactly_and_matches_the_notebook_api(ray
     assert next(r for r in rows if r["key"] == KEYS[0])["pred"] == 0
 
     # The notebook API builds the same model and preprocessing: same probabilities, same AUCs.
-    target = l2r.load_target(MOBILENET["target"], **{k: v for k, v in MOBILENET.items() if k != "target"})
+    target = l2r.load_target(**MOBILENET)
     images = l2r.preprocess(target, [samples[r["key"]]["jpg"] for r in rows])
     probs = target(images)
     np.testing.assert_allclose([float(probs[i, r["target"]]) for i, r in enumerate(rows)],
@@ -81,7 +81,7 @@ def test_gradcam_default_layer_is_the_last_spatial_conv_not_the_pooled_head(imag
     from l2r.methods import attribute
 
     _, samples = imagenet_few
-    target = l2r.load_target(MOBILENET["target"], **{k: v for k, v in MOBILENET.items() if k != "target"})
+    target = l2r.load_target(**MOBILENET)
     images = l2r.preprocess(target, [samples[key]["jpg"] for key in KEYS])
     targets = target(images).argmax(1)
     default, _ = attribute("gradcam", target, images, targets)
@@ -129,8 +129,8 @@ def test_timm_checkpoint_file_explains_the_source_model(ray_local, s3_server, ti
         fs.put(checkpoint, "weights/model.pth")
         checkpoint = "s3://weights/model.pth"
         monkeypatch.setenv("L2R_CACHE", str(tmp_path / "cache"))
-    config = att.AttributeConfig(shards=timm_weights["shards"], output=str(tmp_path / "out"), target=SPEC,
-                                 checkpoint=checkpoint, model_kwargs=KWARGS, input_size=(SIZE, SIZE),
+    config = att.AttributeConfig(shards=timm_weights["shards"], output=str(tmp_path / "out"), target=TargetSpec(
+                                 SPEC, checkpoint=checkpoint, kwargs=KWARGS, input_size=(SIZE, SIZE)),
                                  methods=("random",), actors=1, batch_size=6, storage_options=options)
     att.run_attribution(config, log=lambda line: None)
     rows = att.read_results(str(tmp_path / "out")).to_pylist()
@@ -159,16 +159,16 @@ def test_timm_checkpoint_file_explains_the_source_model(ray_local, s3_server, ti
 def test_job_refuses_an_explainer_trained_for_another_target(ray_local, timm_weights, tmp_path):
     from l2r.artifact import save_artifact
     from l2r.explainer import build_explainer
-    from l2r.target_record import TargetRecord
+    from l2r.target_spec import TargetSpec
 
-    record = TargetRecord(SPEC, checkpoint=timm_weights["file"], kwargs=KWARGS, input_size=(SIZE, SIZE))
+    record = TargetSpec(SPEC, checkpoint=timm_weights["file"], kwargs=KWARGS, input_size=(SIZE, SIZE))
     explainer = build_explainer({"backbone": "target", "layers": ["layer1"], "dim": 8, "head_dim": 8},
                                 target=record.build())
     save_artifact(tmp_path / "explainer", explainer, record)
     other = build_target(SPEC, model_kwargs=KWARGS, random_init=True, input_size=SIZE, init_seed=4)
     torch.save(other.net.state_dict(), tmp_path / "other.pth")
-    settings = dict(shards=timm_weights["shards"], target=SPEC, checkpoint=str(tmp_path / "other.pth"),
-                    model_kwargs=KWARGS, input_size=(SIZE, SIZE), explainer=str(tmp_path / "explainer"),
+    settings = dict(shards=timm_weights["shards"], target=TargetSpec(SPEC, checkpoint=str(tmp_path / "other.pth"),
+                    kwargs=KWARGS, input_size=(SIZE, SIZE)), explainer=str(tmp_path / "explainer"),
                     methods=("l2r",), actors=1, batch_size=6)
     with pytest.raises(TargetMismatchError, match=r"trained for target timm:test_resnet.*other\.pth"):
         att.run_attribution(att.AttributeConfig(output=str(tmp_path / "refused"), **settings), log=lambda line: None)
@@ -191,8 +191,7 @@ def test_shipped_mobilenet_explainer_ranks_held_back_photos_better_than_chance()
         pytest.skip(f"shared ImageNet sample or MobileNetV1 not found under {SHARED}")
     from l2r.shard_reader import iter_shard
 
-    fields = {k: v for k, v in MOBILENET.items() if k != "target"}
-    explainer = l2r.load(SHIPPED_MOBILENET, spec=MOBILENET["target"], **fields)
+    explainer = l2r.load(SHIPPED_MOBILENET, **MOBILENET)
     assert explainer.metadata["data"]["holdout_every"] == 5
     rows = [r for _, r in zip(range(8), iter_shard(str(IMAGENET), 160, 0.875, holdout_every=5, part="holdout"))]
     assert [r["key"] for r in rows][:2] == ["n01494475_hammerhead", "n01518878_ostrich"]  # positions 4, 9

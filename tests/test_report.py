@@ -25,6 +25,7 @@ from pipeline.attributor import Attributor
 from l2r.results import SCHEMA, Output, merge_parts, write_parts
 from l2r.shard_reader import iter_shard
 from l2r.shards import make_shards
+from l2r.target_spec import TargetSpec
 
 SIZE = 16
 SPEC = "timm:test_resnet"
@@ -47,14 +48,12 @@ def results(tmp_path_factory):
     explainer = build_explainer({"backbone": "target", "layers": ["layer1", "layer2"], "dim": 8, "head_dim": 8},
                                 target=target)
     save_explainer(root / "explainer", explainer, {"note": "untrained, for tests"})
-    config = att.AttributeConfig(shards=shards, output=str(root / "out"), target=SPEC,
-                                 checkpoint=str(root / "target.pt"), model_kwargs=KWARGS, input_size=(SIZE, SIZE),
+    config = att.AttributeConfig(shards=shards, output=str(root / "out"), target=TargetSpec(
+                                 SPEC, checkpoint=str(root / "target.pt"), kwargs=KWARGS, input_size=(SIZE, SIZE)),
                                  explainer=str(root / "explainer"), methods=METHODS, with_mask=True)
-    record = config.target_record()
+    record = config.target_spec()
     record.build()
-    attributor = Attributor({"device": "cpu", "threads": 1, "methods": METHODS, "method_options": {},
-                                 "protocol": config.protocol.to_dict(), "forward_batch": 128, "with_mask": True,
-                                 "target": record.to_dict(), "explainer": config.explainer})
+    attributor = Attributor(config, {"device": "cpu", "threads": 1, "forward_batch": 128, "fast_path": "eager"}, record)
     output = Output(config.output)
     names = att.output_names(shards)
     for url, name in names.items():

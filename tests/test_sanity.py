@@ -8,7 +8,7 @@ from l2r.explainer import build_explainer, save_explainer
 from l2r.images import to_tensor
 from l2r.methods import attribute
 from l2r.sanity import cascade, parameter_layers, randomised_copy, spearman
-from pipeline.attributor import Attributor
+from tests.helpers import attributor
 from l2r.shard_reader import iter_shard
 from l2r.reporting.stats import markdown_table, summarize
 from tests.conftest import RESNET20
@@ -76,10 +76,9 @@ def test_the_job_stores_the_correlation_per_stage_and_the_report_shows_it(shared
     explainer = build_explainer({"backbone": "target", "layers": ["layer1", "layer2", "layer3"], "dim": 16,
                                  "head_dim": 8}, target=target)
     save_explainer(tmp_path / "explainer", explainer, {"note": "untrained, for tests"})
-    settings = {"device": "cpu", "threads": 1, "methods": ["l2r", "saliency", "random"], "method_options": {},
-                "protocol": {"steps": 6, "reference": "black", "target": "prediction"}, "forward_batch": 64,
-                "target": TARGET, "explainer": str(tmp_path / "explainer"), "sanity_stages": 2}
-    table = Attributor(settings)(cifar_batch(shared_cifar10, 8))
+    settings = dict(methods=["l2r", "saliency", "random"], protocol={"steps": 6}, explainer=str(tmp_path / "explainer"),
+                    sanity_stages=2, target=TARGET)
+    table = attributor(**settings)(cifar_batch(shared_cifar10, 8))
     rows = table.to_pylist()
     by_method = {m: [r["sanity_spearman"] for r in rows if r["method"] == m] for m in settings["methods"]}
     assert all(len(v) == 2 for values in by_method.values() for v in values)
@@ -92,6 +91,6 @@ def test_the_job_stores_the_correlation_per_stage_and_the_report_shows_it(shared
     markdown = markdown_table(stats)
     assert "| method | stage 1 | stage 2 (all layers) |" in markdown and "amortised explainer" in markdown
     # Without the option the column is null and the report has no sanity table.
-    plain = Attributor({**settings, "sanity_stages": 0, "methods": ["random"]})(cifar_batch(shared_cifar10, 2))
+    plain = attributor(**{**settings, "sanity_stages": 0, "methods": ["random"]})(cifar_batch(shared_cifar10, 2))
     assert plain.column("sanity_spearman").to_pylist() == [None, None]
     assert "stage 1" not in markdown_table(summarize(plain, resamples=10))

@@ -130,7 +130,7 @@ def test_init_from_loads_only_the_same_explainer_for_the_same_target():
     another target's weights, a missing name are refused, naming what differs."""
     from l2r.artifact import load_artifact, resolve_explainer, start_from
     from l2r.explainer import build_explainer
-    from l2r.target_record import TargetMismatchError, TargetRecord
+    from l2r.target_spec import TargetMismatchError, TargetSpec
 
     shipped, target, record, _ = load_artifact(resolve_explainer("cifar10-vit"))
     fresh = build_explainer({k: v for k, v in shipped.config.items() if k != "embed_dim"}, target)
@@ -141,7 +141,7 @@ def test_init_from_loads_only_the_same_explainer_for_the_same_target():
     wider = build_explainer({**shipped.config, "dim": 32, "embed_dim": 32}, target)
     with pytest.raises(ValueError, match=r"cifar10-vit \(train.init_from\).*dim: 64 there, 32 here"):
         start_from(wider, "cifar10-vit", record)
-    other = TargetRecord.from_dict({**record.to_dict(), "checkpoint": None, "random_init": True, "weights_sha256": None})
+    other = TargetSpec.from_dict({**record.to_dict(), "checkpoint": None, "random_init": True, "weights_sha256": None})
     other_target = other.build()
     with pytest.raises(TargetMismatchError, match="weights sha256"):
         start_from(build_explainer(dict(shipped.config), other_target), "cifar10-vit", other)

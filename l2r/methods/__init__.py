@@ -11,7 +11,7 @@
   method's settings. The caller measures seconds.
 
 Each method is one module here (its function, defaults, cost, what it needs: `registry.Method`):
-`gradcam` and `vit_cam` (cam.py), `ig` (integrated_gradients.py), `saliency`, `rise`, `rollout`,
+`l2r` (learned.py: the trained explainer, option `explainer`), `gradcam` and `vit_cam` (cam.py), `ig` (integrated_gradients.py), `saliency`, `rise`, `rollout`,
 and the controls `random` and `gaussian` (controls.py).
 
 Gradient methods use the logits by default (`output="probs"` uses the softmax instead). They
@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import torch
 
-from l2r.methods import cam, controls, integrated_gradients, rise, rollout, saliency  # noqa: F401 (register)
+from l2r.methods import learned, cam, controls, integrated_gradients, rise, rollout, saliency  # noqa: F401 (register)
 from l2r.methods.common import import_captum, import_grad_cam, to_input_size
 from l2r.methods.controls import gaussian_map
-from l2r.methods.registry import Method, control_names, get_method, method_names, register
+from l2r.methods.registry import Method, control_names, explainer_names, get_method, method_names, register
 from l2r.methods.rise import rise_masks
 
-__all__ = ["Method", "attribute", "control_names", "gaussian_map", "get_method", "method_cost", "method_names",
+__all__ = ["Method", "attribute", "control_names", "explainer_names", "gaussian_map", "get_method", "method_cost", "method_names",
            "register", "requires_grad", "rise_masks"]
 
 _PACKAGE_CHECKS = {"captum": import_captum, "pytorch_grad_cam": import_grad_cam}

@@ -25,6 +25,8 @@ class Method:
     package: str | None = None  # the optional package it imports ("captum", "pytorch_grad_cam")
     extra_options: tuple[str, ...] = ()  # options accepted besides those with a default
     control: bool = False  # knows nothing of the image or model: every method should beat it
+    needs_explainer: bool = False  # its maps come from a trained explainer (option `explainer`)
+    bf16: bool = False  # may run under a bf16 autocast (the others hand tensors to numpy: float32 only)
     summary: str = ""
 
 
@@ -51,3 +53,8 @@ def method_names() -> tuple[str, ...]:
 
 def control_names() -> tuple[str, ...]:
     return tuple(name for name, method in _REGISTRY.items() if method.control)
+
+
+def explainer_names() -> tuple[str, ...]:
+    """The methods whose maps come from a trained explainer."""
+    return tuple(name for name, method in _REGISTRY.items() if method.needs_explainer)

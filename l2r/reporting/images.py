@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from l2r import storage
-from l2r.results import EXPLAINER_METHOD
+from l2r.methods import explainer_names
 from l2r.reporting.stats import sorted_rows, valid_rows
 
 # One colour per method, in the report's method order (curves, legends).
@@ -80,7 +80,8 @@ def gallery(table: pa.Table, methods: list[str], count: int, manifest: dict | No
 
     if count <= 0 or not methods:
         return {"by": None, "entries": []}
-    by = EXPLAINER_METHOD if EXPLAINER_METHOD in methods else methods[0]
+    # Ranked by the trained explainer's maps when the run has them.
+    by = next((m for m in methods if m in explainer_names()), methods[0])
     ranked = valid_rows(sorted_rows(table, by)).to_pylist()
     ranked.sort(key=lambda r: r["deletion_auc"])
     best = ranked[: (count + 1) // 2]

@@ -1,7 +1,7 @@
-"""The one record of a target model: what to build, from which weights, with which preprocessing.
+"""The one spec of a target model: what to build, from which weights, with which preprocessing.
 
 Training writes it into the explainer artifact (`explainer.json`, metadata "target"); the
-attribution job, the report and the notebook API read it back; `TargetRecord.build` is the one
+attribution job, the report and the notebook API read it back; `TargetSpec.build` is the one
 builder everywhere. After a build the record also holds what was resolved on the way (timm's
 preprocessing, the number of classes) and `weights_sha256`, a hash over the loaded weights
 themselves, so weights that came from a hub download are identified too.
@@ -35,7 +35,7 @@ class TargetMismatchError(ValueError):
 
 
 @dataclass
-class TargetRecord:
+class TargetSpec:
     spec: str  # timm:NAME or package.module:callable (or path/to/file.py:callable)
     checkpoint: str | None = None  # weight file: local path or fsspec URL
     random_init: bool = False  # build with random weights, on purpose
@@ -53,8 +53,9 @@ class TargetRecord:
     def __post_init__(self):
         if not self.spec:
             raise ValueError("a target model needs a spec (timm:NAME or package.module:callable)")
-        if self.random_init and self.checkpoint:
-            raise ValueError(f"target {self.spec}: random_init and a checkpoint ({self.checkpoint}) exclude each other")
+        from l2r.classifier import check_weights_choice
+
+        check_weights_choice(self.spec, self.checkpoint, self.random_init)
         self.kwargs = dict(self.kwargs or {})
         self.mean = tuple(float(v) for v in self.mean) if self.mean is not None else None
         self.std = tuple(float(v) for v in self.std) if self.std is not None else None
@@ -90,6 +91,7 @@ class TargetRecord:
             class_names=self.class_names,
             background_logit=self.background_logit,
             init_seed=self.init_seed,
+            crop_pct=self.crop_pct,
         )
         self.mean = tuple(float(v) for v in target.mean.tolist())
         self.std = tuple(float(v) for v in target.std.tolist())
@@ -107,7 +109,7 @@ class TargetRecord:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TargetRecord":
+    def from_dict(cls, d: dict) -> "TargetSpec":
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in d.items() if k in known}
         # Artifacts written before this record: timm targets had a `pretrained` flag (False meant random).
@@ -115,7 +117,7 @@ class TargetRecord:
             values["random_init"] = not d["pretrained"] and not d.get("checkpoint")
         return cls(**values)
 
-    def differences(self, other: "TargetRecord") -> list[str]:
+    def differences(self, other: "TargetSpec") -> list[str]:
         """What makes `other` a different target from this one (empty: the same)."""
         found = []
         if self.weights_sha256 and other.weights_sha256 and self.weights_sha256 != other.weights_sha256:
@@ -137,7 +139,7 @@ class TargetRecord:
         return f"{self.spec} ({source[self.weight_source]}{sha})"
 
 
-def check_same_target(trained: TargetRecord, built: TargetRecord, where: str) -> None:
+def check_same_target(trained: TargetSpec, built: TargetSpec, where: str) -> None:
     """Raise `TargetMismatchError` when `built` is not the target the explainer in `where` was trained for."""
     found = trained.differences(built)
     if found:
