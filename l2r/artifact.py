@@ -14,6 +14,7 @@ from pathlib import Path
 
 from l2r.classifier import load_state_dict_checked, sha256_file
 from l2r.explainer import CONFIG_FILE, WEIGHTS_FILE, load_explainer, save_explainer
+from l2r.explainer import DEFAULT_CONFIG as EXPLAINER_DEFAULTS
 from l2r.target_spec import TargetSpec, check_same_target
 
 
@@ -88,10 +89,12 @@ def start_from(explainer, path, record: TargetSpec, storage_options: dict | None
     check_same_target(read_target_spec(folder), record, where)
     document = json.loads((Path(folder) / CONFIG_FILE).read_text())
     built = json.loads(json.dumps(explainer.config))  # as JSON holds it: lists, not tuples
-    differing = sorted(k for k in set(built) | set(document["config"]) if built.get(k) != document["config"].get(k))
+    # A key added to the explainer config after the artifact was written has its default there.
+    recorded = {**json.loads(json.dumps(EXPLAINER_DEFAULTS)), **document["config"]}
+    differing = sorted(k for k in set(built) | set(recorded) if built.get(k) != recorded.get(k))
     if differing:
         raise ValueError(f"explainer {where} was built with another explainer config: "
-                         + "; ".join(f"{k}: {document['config'].get(k)!r} there, {built.get(k)!r} here" for k in differing))
+                         + "; ".join(f"{k}: {recorded.get(k)!r} there, {built.get(k)!r} here" for k in differing))
     weights = Path(folder) / WEIGHTS_FILE
     load_state_dict_checked(explainer, load_file(str(weights), device="cpu"), str(weights))
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -385,12 +386,16 @@ def run_attribution(config: AttributeConfig, log: Callable[[str], None] | None =
 
 def _full_disk(error: BaseException | None) -> OSError | None:
     """The full-disk OSError behind ``error`` (Ray wraps a task's exception, and Ray Data wraps it again)."""
-    seen = set()
+    seen, first = set(), error
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if getattr(error, "errno", None) in storage.FULL_DISK:
             return error
         error = getattr(error, "cause", None) or error.__cause__ or error.__context__
+    # An exception that crossed processes keeps its chain only as text (pickling drops __cause__).
+    found = re.search(r"\[Errno (\d+)\] ([^\n:']+)(?:: '([^'\n]+)')?", str(first)) if first is not None else None
+    if found and int(found[1]) in storage.FULL_DISK:
+        return OSError(int(found[1]), found[2], found[3])
     return None
 
 
