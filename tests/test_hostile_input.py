@@ -214,6 +214,21 @@ def test_an_explainer_whose_weights_changed_after_it_was_written_is_refused_nami
         load_explainer(folder, target)
 
 
+def test_every_shipped_explainer_records_its_weights_checksum():
+    """The shipped explainers are checked like any artifact: each records its weights' sha256."""
+    import json
+
+    from l2r.artifact import SHIPPED
+    from l2r.classifier import sha256_file
+    from l2r.explainer import CONFIG_FILE, WEIGHTS_FILE
+
+    folders = sorted(p for p in SHIPPED.iterdir() if (p / CONFIG_FILE).is_file())
+    assert folders
+    for folder in folders:
+        recorded = json.loads((folder / CONFIG_FILE).read_text())["file_sha256"][WEIGHTS_FILE]
+        assert recorded == sha256_file(folder / WEIGHTS_FILE), folder.name
+
+
 def test_keys_and_class_names_with_html_are_escaped_in_the_report(results, tmp_path):
     """Keys and class names come from the data: in the report they are text, never markup."""
     import pyarrow as pa
