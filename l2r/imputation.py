@@ -34,6 +34,7 @@ TOLERANCE = ERROR_TARGET / 4
 # float32 rounding alone leaves errors of 1e-3 on large holes at 160 px (the system's condition
 # grows with the hole's width squared); float64 keeps them at the tolerance.
 SOLVE_DTYPE = torch.float64
+PRECONDITIONER_DTYPE = torch.float32
 # With the multigrid preconditioner CG converges in a handful of iterations; this is only a guard.
 MAX_ITERATIONS = 500
 CHECK_EVERY = 1  # iterations between convergence checks (each check syncs a GPU)
@@ -108,9 +109,7 @@ def impute_chains(images: torch.Tensor, masks: torch.Tensor, noise: float = NOIS
 OFFSETS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))  # a 3x3 stencil, row-major
 CENTRE = 4
 SMOOTHING_WEIGHT = 0.7  # damped Jacobi; with one sweep before and after, the V-cycle is symmetric
-COARSEST_SWEEPS = 8
-SMOOTHING_SWEEPS = 1
-COARSE_SCALE = 1.8
+COARSEST_PIXELS = 150  # a level this small is solved directly (a dense Cholesky factor)
 
 
 def _shifted(values: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
@@ -152,73 +151,112 @@ def _fine_stencil(removed: torch.Tensor, weight_sum: torch.Tensor) -> torch.Tens
     return torch.cat(rows, dim=1)
 
 
-def _coarse_stencil(stencil: torch.Tensor) -> torch.Tensor:
-    """The Galerkin coarse matrix P^T A P for P: each 2x2 block of pixels moves as one.
-
-    Still a 3x3 stencil: a fine pixel's neighbour lies in its own block or an adjacent one.
-    """
-    n, _, h, w = stencil.shape
-    stencil = F.pad(stencil, (0, w % 2, 0, h % 2))
-    coarse = stencil.new_zeros(n, 9, stencil.shape[-2] // 2, stencil.shape[-1] // 2)
-    for index, (dy, dx) in enumerate(OFFSETS):
-        for py in (0, 1):
-            for px in (0, 1):
-                cy, cx = (py + dy) // 2, (px + dx) // 2  # the neighbour's block, relative
-                coarse[:, (cy + 1) * 3 + (cx + 1)] += stencil[:, index, py::2, px::2]
-    return coarse
-
-
-def _restrict(values: torch.Tensor) -> torch.Tensor:
-    """P^T: the sum over each 2x2 block."""
-    h, w = values.shape[-2:]
-    if h % 2 or w % 2:
-        values = F.pad(values, (0, w % 2, 0, h % 2))
-    return F.avg_pool2d(values, 2, divisor_override=1)  # a pooling kernel: far faster than a strided sum
+def _odd(size: int) -> int:
+    return size + 1 - size % 2
 
 
 def _prolong(values: torch.Tensor, size) -> torch.Tensor:
-    """P: each block's value to its pixels."""
-    *lead, h, w = values.shape
-    blocks = values[..., :, None, :, None].expand(*lead, h, 2, w, 2).reshape(*lead, 2 * h, 2 * w)
-    return blocks[..., :size[0], :size[1]]
+    """P: coarse node i sits on fine pixel 2i; the pixels between two nodes take their mean."""
+    *lead, hc, wc = values.shape
+    rows = values.new_empty(*lead, 2 * hc - 1, wc)
+    rows[..., 0::2, :] = values
+    torch.add(values[..., :-1, :], values[..., 1:, :], out=rows[..., 1::2, :]).mul_(0.5)
+    out = values.new_empty(*lead, 2 * hc - 1, 2 * wc - 1)
+    out[..., 0::2] = rows
+    torch.add(rows[..., :-1], rows[..., 1:], out=out[..., 1::2]).mul_(0.5)
+    return out[..., :size[0], :size[1]]
 
 
-class _MultigridPreconditioner:
-    """A symmetric V-cycle of aggregation multigrid: damped Jacobi, Galerkin coarse matrices.
+def _restrict(values: torch.Tensor) -> torch.Tensor:
+    """P^T: each node gathers its pixel and half of each pixel between it and the next node."""
+    h, w = values.shape[-2:]
+    values = F.pad(values, (0, _odd(w) - w, 0, _odd(h) - h))
+    rows = values[..., 0::2, :].clone()
+    between = values[..., 1::2, :]
+    rows[..., 1:, :].add_(between, alpha=0.5)
+    rows[..., :-1, :].add_(between, alpha=0.5)
+    out = rows[..., 0::2].clone()
+    between = rows[..., 1::2]
+    out[..., 1:].add_(between, alpha=0.5)
+    out[..., :-1].add_(between, alpha=0.5)
+    return out
 
-    CG with it needs tens of iterations whatever the hole size; plain CG needs about the width
-    of the largest hole in iterations (hundreds at 160 px).
+
+def _galerkin_stencil(stencil: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    """The coarse matrix P^T A P for bilinear P (masked to the removed pixels), as a 3x3 stencil.
+
+    Found by probing: coarse nodes three apart never share a stencil, so applying P^T A P to the
+    nine colour classes of nodes (i mod 3, j mod 3) gives every coefficient.
     """
+    n, _, h, w = stencil.shape
+    hc, wc = (_odd(h) + 1) // 2, (_odd(w) + 1) // 2
+    ys = torch.arange(hc, device=stencil.device)
+    xs = torch.arange(wc, device=stencil.device)
+    probes = torch.stack([((ys[:, None] % 3 == a) & (xs[None, :] % 3 == b)) for a in range(3) for b in range(3)])
+    fine = _prolong(probes.to(stencil.dtype)[None], (h, w)) * removed
+    applied = _restrict(_stencil_matvec(stencil, fine))  # (N, 9 classes, hc, wc)
+    # Coefficient (i, j) -> (i + dy, j + dx) is the response at (i, j) to the neighbour's class.
+    classes = torch.stack([((ys[:, None] + dy) % 3) * 3 + (xs[None, :] + dx) % 3 for dy, dx in OFFSETS])
+    return applied.gather(1, classes[None].expand(n, -1, -1, -1))
 
-    def __init__(self, removed: torch.Tensor, weight_sum: torch.Tensor, fine_matvec):
-        self.matvecs = [fine_matvec]
-        # Damped Jacobi's step per pixel: SMOOTHING_WEIGHT / the matrix's diagonal.
-        self.steps = [SMOOTHING_WEIGHT / (weight_sum * removed).clamp_min(1e-12)]
-        self.removed = [removed]
-        stencil = None
-        h, w = removed.shape[-2:]
-        while min(h, w) > 2:
-            stencil = _coarse_stencil(_fine_stencil(removed, weight_sum) if stencil is None else stencil)
-            h, w = stencil.shape[-2:]
-            self.matvecs.append(lambda values, stencil=stencil: _stencil_matvec(stencil, values))
+
+def _dense_cholesky(stencil: torch.Tensor) -> torch.Tensor:
+    """The Cholesky factors (N, P, P) of a small level's matrix, given as a 3x3 stencil.
+
+    Pixels outside every hole (a zero row) get a unit diagonal; a system with nothing kept is
+    singular (constants are its null space), so a tiny multiple of the identity keeps every
+    factor finite: such a system's residual is zero anyway.
+    """
+    n, _, h, w = stencil.shape
+    pixels = h * w
+    dense = stencil.new_zeros(n, pixels, pixels)
+    grid = torch.arange(pixels, device=stencil.device).view(h, w)
+    for index, (dy, dx) in enumerate(OFFSETS):
+        (ty, sy), (tx, sx) = _span(dy, h), _span(dx, w)
+        rows, cols = grid[ty, tx].flatten(), grid[sy, sx].flatten()
+        dense[:, rows, cols] = stencil[:, index, ty, tx].flatten(1)
+    diagonal = dense.diagonal(dim1=1, dim2=2)
+    scale = diagonal.amax(dim=1, keepdim=True).clamp_min(1e-12)
+    diagonal += torch.where(diagonal > 0, 1e-6 * scale, torch.ones_like(diagonal))
+    return torch.linalg.cholesky_ex(dense)[0]
+
+
+class _Multigrid:
+    """A symmetric V-cycle of geometric multigrid: damped Jacobi, bilinear interpolation,
+    Galerkin coarse matrices (so the holes' shapes carry over to every level)."""
+
+    def __init__(self, removed: torch.Tensor, weight_sum: torch.Tensor):
+        # An approximate inverse needs no float64: the V-cycle runs in float32 (half the memory
+        # traffic), CG's own vectors stay in the solve's dtype.
+        removed, weight_sum = removed.to(PRECONDITIONER_DTYPE), weight_sum.to(PRECONDITIONER_DTYPE)
+
+        def fine_matvec(u):
+            return _neighbour_sum(u).neg_().addcmul_(weight_sum, u).mul_(removed)
+
+        self.matvecs, self.steps, self.removed = [], [], []
+        stencil, level_removed = _fine_stencil(removed, weight_sum), removed
+        while stencil.shape[-2] * stencil.shape[-1] > COARSEST_PIXELS:
+            self.matvecs.append(fine_matvec if not self.matvecs else
+                                lambda values, stencil=stencil: _stencil_matvec(stencil, values))
             self.steps.append(SMOOTHING_WEIGHT / stencil[:, CENTRE:CENTRE + 1].clamp_min(1e-12))
-            self.removed.append((_restrict(self.removed[-1]) > 0).to(removed.dtype))
+            self.removed.append(level_removed)
+            stencil = _galerkin_stencil(stencil, level_removed)
+            level_removed = (stencil[:, CENTRE:CENTRE + 1] > 0).to(removed.dtype)
+        self.coarsest = _dense_cholesky(stencil)
 
-    def __call__(self, residual: torch.Tensor, level: int = 0) -> torch.Tensor:
+    def __call__(self, residual: torch.Tensor) -> torch.Tensor:
+        return self._cycle(residual.to(PRECONDITIONER_DTYPE), 0).to(residual.dtype)
+
+    def _cycle(self, residual: torch.Tensor, level: int) -> torch.Tensor:
+        if level == len(self.matvecs):
+            n, c, h, w = residual.shape
+            solved = torch.cholesky_solve(residual.reshape(n, c, h * w).transpose(1, 2), self.coarsest)
+            return solved.transpose(1, 2).reshape(n, c, h, w)
         matvec, step = self.matvecs[level], self.steps[level]
-        coarsest = level == len(self.matvecs) - 1
         correction = residual * step
-        for _ in range(COARSEST_SWEEPS - 1 if coarsest else 0):
-            correction.addcmul_(residual - matvec(correction), step)
-        if coarsest:
-            return correction
-        for _ in range(SMOOTHING_SWEEPS - 1):
-            correction.addcmul_(residual - matvec(correction), step)
-        coarse = self(_restrict(residual - matvec(correction)), level + 1)
-        correction.addcmul_(_prolong(coarse, residual.shape[-2:]), self.removed[level], value=COARSE_SCALE)
-        for _ in range(SMOOTHING_SWEEPS):
-            correction.addcmul_(residual - matvec(correction), step)
-        return correction
+        coarse = self._cycle(_restrict(residual - matvec(correction)), level + 1)
+        correction.addcmul_(_prolong(coarse, residual.shape[-2:]), self.removed[level])
+        return correction.addcmul_(residual - matvec(correction), step)
 
 
 def _neighbour_sum(values: torch.Tensor) -> torch.Tensor:
@@ -348,7 +386,7 @@ def _solve_batch(images: torch.Tensor, removed: torch.Tensor, start: torch.Tenso
     # With nothing kept the system is singular (constants are its null space): no iterations,
     # or rounding in the residual would grow along that null space.
     residual = (rhs - matvec(u)) * (kept_count > 0)
-    precondition = _MultigridPreconditioner(removed_f, weight_sum, matvec)
+    precondition = _Multigrid(removed_f, weight_sum)
     z = precondition(residual)
     # z = M^-1 r estimates the error A^-1 r pixel by pixel (the V-cycle M is close to A): CG stops
     # once it is within the tolerance on every pixel of the batch.
