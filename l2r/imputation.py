@@ -7,11 +7,17 @@ Gaussian noise is added to them. The removed set's shape then carries no colour 
 model could read, unlike a solid reference (the paper's argument; RESULTS.md measures it).
 
 The system is the same as the reference implementation's (pytorch-grad-cam's
-`NoisyLinearImputer`, a sparse direct solve per image on the CPU); here it is solved for a
-whole batch of masks at once by conjugate gradients, the matrix applied as a stencil: on the
-removed pixels it is S - W (S the in-image weight sum, W the neighbour weights), symmetric and
-positive definite whenever an image keeps at least one pixel. A multigrid V-cycle
-preconditions it, so CG needs tens of iterations whatever the size of the holes.
+`NoisyLinearImputer`, a sparse direct solve per image on the CPU); here it is solved by
+conjugate gradients in float64, the matrix applied as a stencil: on the removed pixels it is
+S - W (S the in-image weight sum, W the neighbour weights), symmetric and positive definite
+whenever an image keeps at least one pixel. A geometric multigrid V-cycle (float32) preconditions
+it. The solve is sized to ROAD's noise: it stops when the V-cycle's estimate of the error is
+below TOLERANCE on every pixel, which keeps the imputed values within ERROR_TARGET (a tenth of
+the noise's sigma) of an exact solve on masks from real maps at 32, 160 and 224 px
+(benchmarks/imputation.py).
+
+`impute_chains` takes the nested masks of a curve's steps: on a CPU it solves them one after the
+other, each started from the previous step's solution and cropped to its removed pixels.
 
 An image with every pixel removed has no data to impute from: it becomes MEAN_COLOUR (the
 "mean" reference's colour) plus the noise: the solver's start, which it never leaves.
@@ -34,15 +40,12 @@ TOLERANCE = ERROR_TARGET / 4
 # float32 rounding alone leaves errors of 1e-3 on large holes at 160 px (the system's condition
 # grows with the hole's width squared); float64 keeps them at the tolerance.
 SOLVE_DTYPE = torch.float64
-PRECONDITIONER_DTYPE = torch.float32
-# With the multigrid preconditioner CG converges in a handful of iterations; this is only a guard.
+PRECONDITIONER_DTYPE = torch.float32  # an approximate inverse: float32 halves its memory traffic
+# With the multigrid preconditioner CG needs a handful of iterations; this is only a guard.
 MAX_ITERATIONS = 500
-CHECK_EVERY = 1  # iterations between convergence checks (each check syncs a GPU)
-# On a CPU the solve goes in batches of at most this many pixel values (1 MB per float32 array):
-# its dozen working arrays then stay in cache, and each batch stops when its own systems have
-# converged, not the slowest of thousands (with the in-place stencils, 1.5x at 32 px on one
-# thread: RESULTS.md, session 12).
-# A GPU gets the whole batch: there a call's fixed cost dominates.
+# On a CPU the solve goes in batches of at most this many pixel values: the working arrays then
+# stay in cache, and each batch stops when its own systems have converged, not the slowest of
+# thousands. A GPU gets the whole batch: there a call's fixed cost dominates.
 CPU_BATCH_VALUES = 1 << 18
 
 
@@ -390,11 +393,10 @@ def _solve_batch(images: torch.Tensor, removed: torch.Tensor, start: torch.Tenso
     z = precondition(residual)
     # z = M^-1 r estimates the error A^-1 r pixel by pixel (the V-cycle M is close to A): CG stops
     # once it is within the tolerance on every pixel of the batch.
-    converged = bool(z.abs().amax() <= tolerance)
     direction = z
     rz = _per_system(residual, z)
-    for iteration in range(1, max_iterations + 1):
-        if converged:
+    for _ in range(max_iterations):
+        if bool(z.abs().amax() <= tolerance):
             break
         a_direction = matvec(direction)
         curvature = _per_system(direction, a_direction)
@@ -403,10 +405,8 @@ def _solve_batch(images: torch.Tensor, removed: torch.Tensor, start: torch.Tenso
         u.addcmul_(alpha, direction)
         residual.addcmul_(alpha, a_direction, value=-1.0)
         z = precondition(residual)
-        if iteration % CHECK_EVERY == 0:
-            converged = bool(z.abs().amax() <= tolerance)
         rz_next = _per_system(residual, z)
         beta = torch.where(rz > 0, rz_next / rz.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(rz))
-        direction = z.addcmul_(beta, direction)  # z is not used again
+        direction = z + beta * direction  # z is read again by the stopping test
         rz = rz_next
     return u
