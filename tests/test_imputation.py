@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from l2r import imputation
-from l2r.imputation import ERROR_TARGET, MEAN_COLOUR, impute, noise_field
+from l2r.imputation import ERROR_TARGET, MEAN_COLOUR, impute, impute_chains, noise_field
 from l2r.metrics import deletion_insertion
 from l2r.objective import ObjectiveConfig, objective_backward
 from l2r.perturbation import IMPUTE_SOFT_THRESHOLD, make_reference, soft_references
@@ -49,6 +49,29 @@ def test_a_cpu_solve_in_batches_equals_each_image_solved_alone(monkeypatch):
     alone = torch.cat([impute(image[None], mask[None], noise=0.0) for image, mask in zip(images, removed)])
     assert (batched - alone).abs().max() < ERROR_TARGET  # the solver tolerance, not bitwise: each batch stops on its own
     assert (batched - reference_imputation(images, removed)).abs().max() < ERROR_TARGET
+
+
+def test_chains_of_nested_masks_equal_each_mask_imputed_alone():
+    # A curve's masks solved as a warm-started chain (cropped to the holes) give what `impute`
+    # gives each mask, noise field included; a chain that is not nested is refused.
+    generator = torch.Generator().manual_seed(4)
+    images = torch.rand(3, 3, 40, 36, generator=generator)
+    smooth = F.interpolate(torch.rand(3, 1, 5, 5, generator=generator), size=(40, 36), mode="bilinear")[:, 0]
+    ranks = smooth.flatten(1).argsort(dim=1).argsort(dim=1).view(3, 40, 36)
+    counts = torch.tensor([0, 40, 300, 900, 1439, 1440])  # nothing, a small hole, ..., everything
+    chains = ranks[:, None] < counts[None, :, None, None]
+    chained = impute_chains(images, chains, noise=0.01, seed=2)
+    assert chained.shape == (3, 6, 3, 40, 36)
+    alone = impute(images.repeat_interleave(6, dim=0), chains.flatten(0, 1), noise=0.01, seed=2)
+    assert (chained.flatten(0, 1) - alone).abs().max() < ERROR_TARGET
+    kept = ~chains[:, :, None].expand_as(chained)
+    assert torch.equal(chained[kept], images[:, None].expand_as(chained)[kept])
+    inner = chains[:, 1:5]  # the exact solve needs a pixel kept and one removed
+    exact = torch.stack([reference_imputation(images, inner[:, s, None]) for s in range(4)], dim=1)
+    noise = noise_field((3, 40, 36), 0.01, 2)
+    assert ((chained[:, 1:5] - noise) - exact).where(inner[:, :, None], torch.zeros(())).abs().max() < ERROR_TARGET
+    with pytest.raises(ValueError, match="nested"):
+        impute_chains(images, chains.flip(1))
 
 
 def test_kept_pixels_untouched_and_noise_seeded():
