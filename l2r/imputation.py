@@ -329,20 +329,25 @@ def _local_fill(previous: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     return torch.where(new & (weights > 0), mean, previous)
 
 
+def solves_in_sequence(device: torch.device) -> bool:
+    """Whether a chain's steps are solved one after the other (a CPU) or all at once (a device):
+    the one place that decides it."""
+    return device.type == "cpu"
+
+
 @torch.no_grad()
 def solve_chains(images: torch.Tensor, removed: torch.Tensor, tolerance: float = TOLERANCE,
                  max_iterations: int = MAX_ITERATIONS) -> torch.Tensor:
     """`solve` for chains of nested masks: images (N, C, H, W), removed (N, S, H, W) where each
     image's mask s + 1 removes every pixel of its mask s. Returns (N, S, C, H, W).
 
-    This is the one place that decides how a chain is solved. On a CPU the steps go one after
-    the other, each started from the previous step's solution (new pixels from their
-    neighbours) and cropped to its removed pixels: a few iterations a step instead of tens, and
-    small early holes cost little. A device solves all masks of all chains as one batch: there
-    a call's fixed cost dominates.
+    On a CPU (`solves_in_sequence`) the steps go one after the other, each started from the
+    previous step's solution (new pixels from their neighbours) and cropped to its removed
+    pixels, so small early holes cost little. A device solves all masks of all chains as one
+    batch: there a call's fixed cost dominates.
     """
     n, s, h, w = removed.shape
-    if images.device.type != "cpu":
+    if not solves_in_sequence(images.device):
         flat = solve(images.repeat_interleave(s, dim=0), removed.reshape(n * s, 1, h, w), tolerance, max_iterations)
         return flat.view(n, s, *images.shape[1:])
     out = images.new_empty(n, s, *images.shape[1:])

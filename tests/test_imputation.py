@@ -74,6 +74,17 @@ def test_chains_of_nested_masks_equal_each_mask_imputed_alone():
         impute_chains(images, chains.flip(1))
 
 
+def test_chains_solved_as_one_batch_as_on_a_device_agree(monkeypatch):
+    generator = torch.Generator().manual_seed(5)
+    images = torch.rand(2, 3, 24, 24, generator=generator)
+    ranks = torch.rand(2, 576, generator=generator).argsort(dim=1).argsort(dim=1).view(2, 24, 24)
+    chains = ranks[:, None] < torch.tensor([50, 200, 400, 550])[None, :, None, None]
+    in_sequence = impute_chains(images, chains, noise=0.0)
+    monkeypatch.setattr(imputation, "solves_in_sequence", lambda device: False)
+    batched = impute_chains(images, chains, noise=0.0)
+    assert (in_sequence - batched).abs().max() < ERROR_TARGET
+
+
 def test_kept_pixels_untouched_and_noise_seeded():
     generator = torch.Generator().manual_seed(2)
     images = torch.rand(3, 3, 24, 20, generator=generator)
