@@ -185,19 +185,20 @@ def _restrict(values: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _galerkin_stencil(stencil: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
-    """The coarse matrix P^T A P for bilinear P (masked to the removed pixels), as a 3x3 stencil.
+def _galerkin_stencil(matvec, removed: torch.Tensor) -> torch.Tensor:
+    """The coarse matrix P^T A P for bilinear P (masked to the removed pixels), as a 3x3 stencil;
+    `matvec` applies A to (N, K, H, W), `removed` (N, 1, H, W) is the level's mask.
 
     Found by probing: coarse nodes three apart never share a stencil, so applying P^T A P to the
     nine colour classes of nodes (i mod 3, j mod 3) gives every coefficient.
     """
-    n, _, h, w = stencil.shape
+    n, _, h, w = removed.shape
     hc, wc = (_odd(h) + 1) // 2, (_odd(w) + 1) // 2
-    ys = torch.arange(hc, device=stencil.device)
-    xs = torch.arange(wc, device=stencil.device)
+    ys = torch.arange(hc, device=removed.device)
+    xs = torch.arange(wc, device=removed.device)
     probes = torch.stack([((ys[:, None] % 3 == a) & (xs[None, :] % 3 == b)) for a in range(3) for b in range(3)])
-    fine = _prolong(probes.to(stencil.dtype)[None], (h, w)) * removed
-    applied = _restrict(_stencil_matvec(stencil, fine))  # (N, 9 classes, hc, wc)
+    fine = _prolong(probes.to(removed.dtype)[None], (h, w)) * removed
+    applied = _restrict(matvec(fine))  # (N, 9 classes, hc, wc)
     # Coefficient (i, j) -> (i + dy, j + dx) is the response at (i, j) to the neighbour's class.
     classes = torch.stack([((ys[:, None] + dy) % 3) * 3 + (xs[None, :] + dx) % 3 for dy, dx in OFFSETS])
     return applied.gather(1, classes[None].expand(n, -1, -1, -1))
@@ -236,14 +237,22 @@ class _Multigrid:
         def fine_matvec(u):
             return _neighbour_sum(u).neg_().addcmul_(weight_sum, u).mul_(removed)
 
+        # The finest level needs no stencil: its matrix is the separable fine_matvec, and its
+        # diagonal is S on the removed pixels (probing it is the setup's largest pass).
         self.matvecs, self.steps, self.removed = [], [], []
-        stencil, level_removed = _fine_stencil(removed, weight_sum), removed
+        if removed.shape[-2] * removed.shape[-1] <= COARSEST_PIXELS:
+            self.coarsest = _dense_cholesky(_fine_stencil(removed, weight_sum))
+            return
+        self.matvecs.append(fine_matvec)
+        self.steps.append(SMOOTHING_WEIGHT * removed / weight_sum)
+        self.removed.append(removed)
+        stencil = _galerkin_stencil(fine_matvec, removed)
+        level_removed = (stencil[:, CENTRE:CENTRE + 1] > 0).to(removed.dtype)
         while stencil.shape[-2] * stencil.shape[-1] > COARSEST_PIXELS:
-            self.matvecs.append(fine_matvec if not self.matvecs else
-                                lambda values, stencil=stencil: _stencil_matvec(stencil, values))
+            self.matvecs.append(lambda values, stencil=stencil: _stencil_matvec(stencil, values))
             self.steps.append(SMOOTHING_WEIGHT / stencil[:, CENTRE:CENTRE + 1].clamp_min(1e-12))
             self.removed.append(level_removed)
-            stencil = _galerkin_stencil(stencil, level_removed)
+            stencil = _galerkin_stencil(self.matvecs[-1], level_removed)
             level_removed = (stencil[:, CENTRE:CENTRE + 1] > 0).to(removed.dtype)
         self.coarsest = _dense_cholesky(stencil)
 
