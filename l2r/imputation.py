@@ -234,8 +234,10 @@ class _Multigrid:
         # traffic), CG's own vectors stay in the solve's dtype.
         removed, weight_sum = removed.to(PRECONDITIONER_DTYPE), weight_sum.to(PRECONDITIONER_DTYPE)
 
+        minus_removed = -removed
+
         def fine_matvec(u):
-            return _neighbour_sum(u).neg_().addcmul_(weight_sum, u).mul_(removed)
+            return _neighbour_sum(u).addcmul_(weight_sum, u, value=-1.0).mul_(minus_removed)
 
         # The finest level needs no stencil: its matrix is the separable fine_matvec, and its
         # diagonal is S on the removed pixels (probing it is the setup's largest pass).
@@ -278,13 +280,15 @@ def _neighbour_sum(values: torch.Tensor) -> torch.Tensor:
     1-D passes, each added in place on slices: 2.5x faster on a CPU than with padded copies,
     and far faster than a one-channel 3x3 convolution.
     """
-    vertical = values * 2.0
-    vertical[..., 1:, :] += values[..., :-1, :]
-    vertical[..., :-1, :] += values[..., 1:, :]
-    out = vertical * 2.0
+    # The weight folded into the vertical pass and the centre into the horizontal one: seven
+    # passes over memory, where the solve's time goes.
+    vertical = values * (2.0 * DIAGONAL_WEIGHT)
+    vertical[..., 1:, :].add_(values[..., :-1, :], alpha=DIAGONAL_WEIGHT)
+    vertical[..., :-1, :].add_(values[..., 1:, :], alpha=DIAGONAL_WEIGHT)
+    out = torch.add(vertical, values, alpha=-2.0 * DIAGONAL_WEIGHT).mul_(2.0)
     out[..., 1:] += vertical[..., :-1]
     out[..., :-1] += vertical[..., 1:]
-    return out.sub_(values, alpha=4.0).mul_(DIAGONAL_WEIGHT)
+    return out
 
 
 def _per_system(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
@@ -386,8 +390,10 @@ def _solve_batch(images: torch.Tensor, removed: torch.Tensor, start: torch.Tenso
     # it is wrong only on the crop's own edge, which holds kept pixels only.
     weight_sum = _neighbour_sum(torch.ones(1, 1, h, w, device=x.device, dtype=dtype))
 
+    minus_removed = -removed_f
+
     def matvec(u):  # (S - W) restricted to the removed pixels; u is zero elsewhere
-        return _neighbour_sum(u).neg_().addcmul_(weight_sum, u).mul_(removed_f)
+        return _neighbour_sum(u).addcmul_(weight_sum, u, value=-1.0).mul_(minus_removed)
 
     rhs = removed_f * _neighbour_sum(x * kept_f)
     # Without a start, each image's mean kept colour: CG then only has to shape it. With nothing
