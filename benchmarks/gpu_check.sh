@@ -5,8 +5,9 @@
 #      job in bf16: AUCs compared per image against fp32;
 #   2. benchmarks/attribute.py --device cuda, fp32 and bf16, on IMAGES x REPEAT images (images/s,
 #      fraction of the fp32 eager forward bound, speedup over a per-image loop);
-#   3. benchmarks/imputation.py on the GPU: exact curves with the impute reference against black,
-#      and the batched imputation against pytorch-grad-cam's (CIFAR-10 only: $DATA);
+#   3. benchmarks/imputation.py on the GPU: the attribution job with the impute reference against
+#      black (impute_vs_black_32), the batched imputation against pytorch-grad-cam's
+#      (impute_vs_gradcam_road_32) and against an exact solve (CIFAR-10 only: $DATA);
 #   4. the training job, config `cifar10` unmodified but for data paths, on one GPU for
 #      $TRAIN_STEPS steps (s/step, images/s, exact held-out AUCs).
 # Each stage has its own time limit; a failed stage is reported and the next one still runs.
@@ -94,8 +95,8 @@ for p in fp32 bf16; do
       --images "$IMAGES" --repeat "$REPEAT" --shard-size 2500 --precision $p --naive-images 50 --workdir "$WORK/bench_$p"
 done
 
-stage impute 60 $PY benchmarks/imputation.py --device cuda --images resnet20=512 --road-images 32=32 \
-    --cifar-shard "$DATA/test-0000.tar" --cifar-checkpoint "$CKPT"
+stage impute 120 $PY benchmarks/imputation.py --device cuda --map-images 32=16 --accuracy-sizes 32 \
+    --job-images 32=512 --cifar-shard "$DATA/test-0000.tar" --cifar-checkpoint "$CKPT"
 
 stage train 180 $PY jobs/train.py --config jobs/configs/cifar10.yaml --gpus --steps "$TRAIN_STEPS" \
     --set data.train="$DATA/train-0000.tar" --set data.val="$DATA/test-0000.tar" --set target.checkpoint="$CKPT" \

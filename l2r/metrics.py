@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from l2r.imputation import NOISE_SIGMA
+from l2r.imputation import NOISE_SIGMA, impute_chains
 from l2r.perturbation import (REFERENCES, deletion_counts, delete_pixels, fractions, is_constant_reference,
                               make_reference)
 from l2r.ranking import pixel_ranks
@@ -116,9 +116,15 @@ def deletion_insertion(
     # Job j -> (image, direction, step); direction 0 = deletion, 1 = reversed deletion.
     n_jobs = b * 2 * k_inner
     y_inner = torch.empty(n_jobs, device=device, dtype=clean_probs.dtype)
-    # The imputation is a batched solve whose per-call cost is mostly fixed: it gets larger
-    # chunks than the forward (IMPUTE_CHUNK_VALUES pixel values), then forwards go in max_batch.
-    chunk = max(max_batch, IMPUTE_CHUNK_VALUES // images[0].numel()) if reference == "impute" else max_batch
+    imputing = reference == "impute"
+    if imputing:
+        # Each curve's steps remove nested pixel sets: the imputation solves them as chains (one
+        # curve's K-2 masks after one another), so chunks hold whole curves, larger than the
+        # forward's (IMPUTE_CHUNK_VALUES pixel values), then forwards go in max_batch.
+        curves = max(1, max(max_batch, IMPUTE_CHUNK_VALUES // images[0].numel()) // k_inner)
+        chunk = max(1, curves * k_inner)
+    else:
+        chunk = max_batch
     for start in range(0, n_jobs, chunk):
         job = torch.arange(start, min(start + chunk, n_jobs), device=device)
         img, rest = job // (2 * k_inner), job % (2 * k_inner)
@@ -127,7 +133,11 @@ def deletion_insertion(
         # Reversed deletion removes the least important first: rank >= HW - count.
         order = torch.where(direction[:, None] == 0, r, h * w - 1 - r)
         mask = (order < counts[step][:, None].to(torch.int32)).view(-1, 1, h, w)
-        perturbed = delete_pixels(images[img], mask, reference, refs[img], **impute_options)
+        if imputing:
+            chains = mask.view(-1, k_inner, h, w)
+            perturbed = impute_chains(images[img[::k_inner]], chains, protocol.impute_noise, protocol.impute_seed).flatten(0, 1)
+        else:
+            perturbed = delete_pixels(images[img], mask, reference, refs[img])
         for offset in range(0, len(job), max_batch):
             part = slice(offset, offset + max_batch)
             probs = model(perturbed[part])
